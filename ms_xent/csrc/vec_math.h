@@ -1,0 +1,122 @@
+// Scalar building blocks written so that GCC's vectoriser turns loops over them into SIMD code
+// for whatever ISA the library is compiled for (-march=native at first use): branch-free
+// float32 arithmetic, integer bit tricks and selects, no library calls.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace ms_xent {
+
+// Independent accumulators per reduction: breaks the loop-carried dependency so the
+// SLP vectoriser maps them onto vector registers (16 floats = one AVX-512 register).
+constexpr int kLanes = 16;
+
+// Rows are processed in blocks that stay in L1 between two passes over them.
+constexpr int64_t kBlock = 2048;
+
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float BitsToFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t FloatToBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(_Float16 x) { return static_cast<float>(x); }
+inline float ToFloat(BFloat16 x) { return BitsToFloat(static_cast<uint32_t>(x.bits) << 16); }
+
+template <typename T>
+inline T FromFloat(float x);
+
+template <>
+inline float FromFloat<float>(float x) { return x; }
+
+template <>
+inline _Float16 FromFloat<_Float16>(float x) { return static_cast<_Float16>(x); }
+
+// float32 -> bfloat16 with round-to-nearest-even; NaN stays a (quiet) NaN.
+template <>
+inline BFloat16 FromFloat<BFloat16>(float x) {
+  uint32_t u = FloatToBits(x);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan_bits = (u >> 16) | 0x40u;
+  bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return BFloat16{static_cast<uint16_t>(is_nan ? nan_bits : rounded)};
+}
+
+// exp(x) in float32, max relative error ~2 ulp, vectorisable.
+//   exp(x) = 2^k * exp(r),  k = round(x / ln 2),  r = x - k ln 2 in [-ln2/2, ln2/2],
+//   exp(r) by a degree-6 minimax polynomial (Cephes expf coefficients),
+//   2^k applied as 2^(k/2) * 2^(k - k/2) so that k = 128 (x close to ln FLT_MAX) stays finite.
+// Results below FLT_MIN are flushed to 0 (no denormal slow paths); -inf -> 0, +inf -> +inf,
+// NaN -> NaN (comparisons with NaN are false, so NaN flows through every select).
+inline float FastExp(float x) {
+  constexpr float kMin = -87.33654f;  // ln(FLT_MIN)
+  constexpr float kMax = 88.72283f;   // ln(FLT_MAX)
+  float xc = x < kMin ? kMin : x;
+  xc = xc > kMax ? kMax : xc;
+  // Round-to-nearest by the 1.5 * 2^23 trick: the integer lands in the low mantissa bits.
+  constexpr float kShifter = 12582912.0f;
+  float shifted = xc * 1.44269504088896341f + kShifter;
+  float k = shifted - kShifter;
+  int32_t ki = static_cast<int32_t>(FloatToBits(shifted) - FloatToBits(kShifter));
+  float r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t k_half = ki >> 1;
+  float scale_a = BitsToFloat(static_cast<uint32_t>(k_half + 127) << 23);
+  float scale_b = BitsToFloat(static_cast<uint32_t>(ki - k_half + 127) << 23);
+  float result = p * scale_a * scale_b;
+  result = x < kMin ? 0.0f : result;
+  result = x > kMax ? std::numeric_limits<float>::infinity() : result;
+  return result;
+}
+
+// Largest element of row[begin, end) in float32 (NaN may be skipped here; callers pick it up
+// through the sum of exponentials, which a NaN turns into NaN).
+template <typename T>
+inline float BlockMax(const T *row, int64_t begin, int64_t end) {
+  float lane_max[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = -std::numeric_limits<float>::infinity();
+  int64_t c = begin;
+  for (; c + kLanes <= end; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      float v = ToFloat(row[c + j]);
+      lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+    }
+  }
+  for (; c < end; ++c) {
+    float v = ToFloat(row[c]);
+    lane_max[0] = v > lane_max[0] ? v : lane_max[0];
+  }
+  float m = lane_max[0];
+  for (int j = 1; j < kLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  return m;
+}
+
+// Sum of the kLanes partial sums.
+inline float SumLanes(const float *lanes) {
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
+  return s;
+}
+
+}  // namespace ms_xent

@@ -1,0 +1,6 @@
+"""Functional ops of ms_xent (fused kernels behind ``mindspore.ops.Custom``)."""
+
+from ms_xent.ops.cross_entropy import (cross_entropy_loss, cross_entropy_loss_grad,
+                                       cross_entropy_rows)
+
+__all__ = ["cross_entropy_loss", "cross_entropy_loss_grad", "cross_entropy_rows"]

@@ -1,0 +1,88 @@
+"""One mechanism for every ms_xent CPU kernel: an ``ops.Custom(func_type="aot")`` primitive.
+
+A kernel is described by a :class:`KernelSpec` (its exported symbol, input/output names, the
+dtype combinations it accepts and its attributes); :class:`AotPrimitive` turns a spec plus
+attribute values into a primitive whose kernel is the compiled library from
+:mod:`ms_xent.kernel_build`. Output shapes come from the C++ ``<Symbol>InferShape`` functions
+(needed for GRAPH_MODE with dynamic shapes); output dtypes from a Python rule.
+
+Primitives are created through :func:`cached_primitive` so that PyNative code reuses one
+instance per attribute set, and graph mode instantiates them at compile time.
+"""
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+from mindspore import ops
+from mindspore.ops import CustomRegOp
+from mindspore.ops._primitive_cache import _get_cache_prim
+
+from ms_xent.kernel_build import kernel_library
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INDEX_DTYPES = ("int32", "int64")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Static description of one exported kernel symbol."""
+
+    symbol: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    # Each row gives one dtype name per input then per output, in order.
+    dtype_rows: Tuple[Tuple[str, ...], ...]
+    # Maps the input dtypes to the output dtype(s) (MindSpore dtype objects).
+    out_dtype: Callable
+
+
+def dtype_rows(*choices: Sequence[str], tie=None) -> Tuple[Tuple[str, ...], ...]:
+    """Cartesian product of the per-position dtype choices.
+
+    ``tie`` maps a position to an earlier position whose dtype it repeats (e.g. outputs in the
+    dtype of the input), so only consistent combinations are registered.
+    """
+    tie = tie or {}
+    rows = []
+    for combo in itertools.product(*choices):
+        row = list(combo)
+        for position, source in tie.items():
+            row[position] = row[source]
+        rows.append(tuple(row))
+    return tuple(dict.fromkeys(rows))
+
+
+def build_reg_info(spec: KernelSpec, attrs: Dict[str, object], target: str = "CPU") -> dict:
+    """The ``reg_info`` for ``ops.Custom``: inputs, outputs, attributes and dtype rows."""
+    reg = CustomRegOp(spec.symbol)
+    for index, name in enumerate(spec.inputs):
+        reg = reg.input(index, name)
+    for index, name in enumerate(spec.outputs):
+        reg = reg.output(index, name)
+    for name, value in attrs.items():
+        reg = reg.attr(name, "required", "all", value=value)
+    for row in spec.dtype_rows:
+        reg = reg.dtype_format(*((dtype, "DefaultFormat") for dtype in row))
+    return reg.target(target).get_op_info()
+
+
+class AotPrimitive(ops.Custom):
+    """An aot Custom primitive for one kernel spec and one set of attribute values."""
+
+    def __init__(self, spec: KernelSpec, attrs: Dict[str, object], bprop=None):
+        super().__init__(
+            func=f"{kernel_library()}:{spec.symbol}",
+            out_shape=None,
+            out_dtype=spec.out_dtype,
+            func_type="aot",
+            bprop=bprop,
+            reg_info=build_reg_info(spec, attrs),
+        )
+        for name, value in attrs.items():
+            self.add_prim_attr(name, value)
+
+
+def cached_primitive(cls, *args):
+    """One primitive instance per (class, arguments) in PyNative; a fresh one when compiling."""
+    return _get_cache_prim(cls)(*args)
