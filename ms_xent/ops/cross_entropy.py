@@ -43,10 +43,19 @@ def _safe_divide(numerator, denominator):
                       ops.zeros_like(numerator))
 
 
+def sum_rows(rows):
+    """Sum of a [N] float32 vector that is also correct for N = 0.
+
+    MindSpore 2.9's CPU ReduceSum leaves its output uninitialised for an empty input (it returned
+    1.4e23 here), so a zero is prepended.
+    """
+    return ops.cat((ops.zeros((1,), rows.dtype), rows)).sum()
+
+
 def _reduce(rows, reduction, denominator):
     if reduction == "none":
         return rows
-    total = rows.sum()
+    total = sum_rows(rows)
     if reduction == "sum":
         return total
     return _safe_divide(total, denominator)
@@ -118,17 +127,17 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
                                True)
     if soft:
         loss_rows, lse, log_prob = forward(input, target.astype(input.dtype), weight_f32)
-        denominator = ops.ones_like(lse).sum()
+        denominator = sum_rows(ops.ones_like(lse))
     else:
         loss_rows, lse, row_weight, log_prob = forward(input, target, weight_f32)
-        denominator = row_weight.sum()
+        denominator = sum_rows(row_weight)
     loss = _reduce(loss_rows, reduction, denominator).astype(input.dtype)
 
     zloss = ops.zeros((0,), input.dtype)
     if return_zloss:
         mask = row_mask(target, ignore_index, soft)
         z_rows = mask * lse_square_scale_for_zloss * lse * lse
-        zloss = _reduce(z_rows, reduction, mask.sum()).astype(input.dtype)
+        zloss = _reduce(z_rows, reduction, sum_rows(mask)).astype(input.dtype)
     lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), ms.float32)
     return loss, log_prob, zloss, lse_for_zloss
 
@@ -157,10 +166,10 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     mask = row_mask(target, ignore_index, soft)
 
     if soft:
-        denominator = mask.sum()
+        denominator = sum_rows(mask)
     else:
         safe_target = ops.select(target != ignore_index, target, ops.zeros_like(target))
-        denominator = (ops.gather(weight_f32, safe_target, 0) * mask).sum()
+        denominator = sum_rows(ops.gather(weight_f32, safe_target, 0) * mask)
     row_grad = _per_row(grad_loss, reduction, mask)
     if reduction == "mean":
         row_grad = _safe_divide(row_grad, denominator)
@@ -170,7 +179,7 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
         # z_n = m_n s lse_n^2  =>  dz_n / dlse_n = 2 s lse_n m_n
         z_grad = _per_row(grad_zloss, reduction, mask)
         if reduction == "mean":
-            z_grad = _safe_divide(z_grad, mask.sum())
+            z_grad = _safe_divide(z_grad, sum_rows(mask))
         row_grad_lse = z_grad * 2.0 * lse_square_scale_for_zloss * lse_for_zloss * mask
 
     backward = cached_primitive(CrossEntropyBackward, ignore_index, label_smoothing, weighted, soft)

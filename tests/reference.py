@@ -1,0 +1,146 @@
+"""Shared oracles and tolerances for the test modules.
+
+- ``numpy_cross_entropy``: float64 numpy reference of SPEC sections 1-3 (loss, z-loss, gradient).
+- ``torch_cross_entropy``: PyTorch ``F.cross_entropy`` in float64, z-loss added by hand.
+- ``TOLERANCE``: per-dtype (rtol, atol) for comparing ms_xent results with a float64 oracle.
+- ``to_ms`` / ``to_numpy``: move arrays in and out of MindSpore in a given dtype (bfloat16
+  included), so the oracle sees exactly the values the kernel saw.
+"""
+
+import numpy as np
+import mindspore as ms
+
+# (rtol, atol) against a float64 oracle evaluated on the same (already rounded) inputs.
+# float32 is limited by float32 accumulation; the half types by rounding the outputs.
+TOLERANCE = {
+    ms.float32: (2e-5, 2e-6),
+    ms.float16: (2e-3, 2e-4),
+    ms.bfloat16: (1.6e-2, 2e-3),
+}
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def to_ms(array, dtype=ms.float32):
+    """A MindSpore tensor of ``dtype`` holding ``array`` (rounded to ``dtype``)."""
+    return ms.Tensor(np.asarray(array, dtype=np.float32)).astype(dtype)
+
+
+def to_numpy(tensor):
+    """float64 numpy copy of a MindSpore tensor of any float dtype."""
+    if tensor.dtype == ms.bfloat16:
+        tensor = tensor.astype(ms.float32)
+    return tensor.asnumpy().astype(np.float64)
+
+
+def rounded(array, dtype):
+    """``array`` after a round trip through ``dtype``: the values the kernel actually reads."""
+    return to_numpy(to_ms(array, dtype))
+
+
+def assert_close(actual, expected, dtype, what="", scale=1.0):
+    """Compare with the per-dtype tolerance; ``scale`` widens it for accumulated quantities."""
+    rtol, atol = TOLERANCE[dtype]
+    actual = to_numpy(actual) if isinstance(actual, ms.Tensor) else np.asarray(actual, np.float64)
+    np.testing.assert_allclose(actual, np.asarray(expected, np.float64), rtol=rtol * scale,
+                               atol=atol * scale, err_msg=what)
+
+
+def _log_softmax(x):
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def numpy_cross_entropy(x, target, weight=None, reduction="mean", ignore_index=-100,
+                        label_smoothing=0.0, zloss_scale=0.0):
+    """float64 reference. Returns dict with loss, zloss, log_prob, lse, grad (d loss/dx with an
+    upstream gradient of ones), zgrad (d zloss/dx likewise) and grad_unit (the size of one
+    upstream step in the gradient: 1/denominator for "mean", else 1).
+
+    ``target`` is [N] class indices or [N, C] probabilities.
+    """
+    x = np.asarray(x, np.float64)
+    n_rows, n_classes = x.shape
+    w = np.ones(n_classes) if weight is None else np.asarray(weight, np.float64)
+    eps = label_smoothing
+    log_prob = _log_softmax(x)
+    prob = np.exp(log_prob)
+    lse = np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1)
+    soft = np.asarray(target).ndim == 2
+    if soft:
+        t = (1 - eps) * np.asarray(target, np.float64) + eps / n_classes
+        mask = np.ones(n_rows)
+        rows = -(w * t * log_prob).sum(1)
+        drows = prob * (w * t).sum(1, keepdims=True) - w * t
+        denominator = float(n_rows)
+    else:
+        target = np.asarray(target, np.int64)
+        mask = (target != ignore_index).astype(np.float64)
+        y = np.where(mask > 0, target, 0)
+        w_y = w[y] * mask
+        rows = mask * (1 - eps) * w_y * -log_prob[np.arange(n_rows), y]
+        if eps > 0:  # skipped at eps = 0 so that 0 * (-inf log-probabilities) is not NaN
+            rows = rows + mask * eps / n_classes * -(w * log_prob).sum(1)
+        one_hot = np.zeros_like(x)
+        one_hot[np.arange(n_rows), y] = 1.0
+        drows = mask[:, None] * ((1 - eps) * w_y[:, None] * (prob - one_hot)
+                                 + eps / n_classes * (w.sum() * prob - w))
+        denominator = w_y.sum()
+    z_rows = mask * zloss_scale * lse ** 2
+    dz_rows = (mask * 2 * zloss_scale * lse)[:, None] * prob
+
+    def reduce(values, grads, denom):
+        if reduction == "none":
+            return values, grads
+        if reduction == "sum":
+            return values.sum(), grads
+        if denom == 0:
+            return 0.0, np.zeros_like(grads)
+        return values.sum() / denom, grads / denom
+
+    loss, grad = reduce(rows, drows, denominator)
+    zloss, zgrad = reduce(z_rows, dz_rows, mask.sum())
+    grad_unit = 1.0 / denominator if reduction == "mean" and denominator > 0 else 1.0
+    return {"loss": loss, "zloss": zloss, "log_prob": log_prob, "lse": lse, "grad": grad,
+            "zgrad": zgrad, "grad_unit": grad_unit}
+
+
+def torch_cross_entropy(x, target, weight=None, reduction="mean", ignore_index=-100,
+                        label_smoothing=0.0, zloss_scale=0.0):
+    """PyTorch float64 oracle: (loss, d loss/dx, zloss, d zloss/dx) for an upstream of ones."""
+    import torch
+    import torch.nn.functional as F
+
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    tt = torch.tensor(np.asarray(target))
+    wt = None if weight is None else torch.tensor(np.asarray(weight, np.float64))
+    loss = F.cross_entropy(xt, tt, weight=wt, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    (grad,) = torch.autograd.grad(loss.sum(), xt)
+    lse = torch.logsumexp(xt, dim=1)
+    mask = torch.ones_like(lse) if tt.ndim == 2 else (tt != ignore_index).double()
+    z_rows = zloss_scale * lse ** 2 * mask
+    if reduction == "none":
+        zloss = z_rows
+    elif reduction == "sum":
+        zloss = z_rows.sum()
+    else:
+        zloss = z_rows.sum() / mask.sum().clamp(min=1)
+    (zgrad,) = torch.autograd.grad(zloss.sum(), xt)
+    return (loss.detach().numpy(), grad.numpy(), zloss.detach().numpy(), zgrad.numpy())
+
+
+def assert_close_to_peak(actual, expected, dtype, what="", unit=0.0):
+    """Like :func:`assert_close`, but the absolute tolerance is relative to max|expected|
+    (at least ``unit``, the size of one upstream gradient step where the expected values are all
+    near zero, e.g. C = 1).
+
+    Used for gradients, whose scale shrinks with 1/N ("mean") and 1/C (softmax): a fixed absolute
+    tolerance would let a wrong gradient pass.
+    """
+    rtol, atol = TOLERANCE[dtype]
+    expected = np.asarray(expected, np.float64)
+    actual = to_numpy(actual) if isinstance(actual, ms.Tensor) else np.asarray(actual, np.float64)
+    peak = max(float(np.abs(expected).max()) if expected.size else 0.0, unit)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * max(peak, 1e-30),
+                               err_msg=what)

@@ -1,0 +1,371 @@
+"""The fused cross-entropy op: ms_xent.ops.cross_entropy_loss / cross_entropy_loss_grad /
+cross_entropy_rows against a float64 numpy reference and PyTorch, forward and gradient, over
+options, dtypes, shapes and execution modes (PyNative, GRAPH_MODE Cell, ms.jit)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn
+
+from ms_xent.ops import cross_entropy_loss, cross_entropy_loss_grad, cross_entropy_rows
+from tests.reference import (DTYPES, assert_close, assert_close_to_peak, numpy_cross_entropy,
+                             rounded, to_ms, to_numpy, torch_cross_entropy)
+
+REDUCTIONS = ("mean", "sum", "none")
+IGNORE_INDEX = -100
+
+
+def make_case(n_rows, n_classes, seed, ignore_fraction=0.0, soft=False, offset=0.0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n_rows, n_classes)) * 3 + offset).astype(np.float32)
+    if soft:
+        t = rng.random((n_rows, n_classes)).astype(np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, n_classes, n_rows).astype(np.int64)
+        t[rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
+    w = (rng.random(n_classes) + 0.25).astype(np.float32)
+    return x, t, w
+
+
+class OpCell(nn.Cell):
+    """Runs the op in a graph; `output` selects the summed output to differentiate (or None)."""
+
+    def __init__(self, weight, options, output=None):
+        super().__init__()
+        self.weight = weight
+        self.options = options
+        self.output = output
+
+    def construct(self, x, target):
+        outputs = cross_entropy_loss(x, target, self.weight, **self.options)
+        if self.output is None:
+            return outputs
+        return outputs[self.output].astype(ms.float32).sum()
+
+
+def run_op(mode, x, target, weight, options, dtype):
+    """Forward outputs and d(sum loss)/dx, d(sum zloss)/dx as float64 numpy arrays."""
+    xt = to_ms(x, dtype)
+    tt = ms.Tensor(target) if target.dtype.kind == "i" else to_ms(target, dtype)
+    wt = None if weight is None else ms.Tensor(weight)
+    want_z = options.get("return_zloss", False)
+
+    def outputs(a, b):
+        return cross_entropy_loss(a, b, wt, **options)
+
+    def summed_output(index):
+        def total(a, b):
+            return cross_entropy_loss(a, b, wt, **options)[index].astype(ms.float32).sum()
+        return total
+
+    if mode == "graph":
+        ms.set_context(mode=ms.GRAPH_MODE)
+        forward = OpCell(wt, options)
+        differentiable = lambda index: OpCell(wt, options, index)  # noqa: E731
+    else:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        wrap = ms.jit if mode == "jit" else (lambda fn: fn)
+        forward = wrap(outputs)
+        differentiable = lambda index: wrap(summed_output(index))  # noqa: E731
+
+    loss, log_prob, zloss, lse = forward(xt, tt)
+    result = {"loss": to_numpy(loss), "log_prob": to_numpy(log_prob), "zloss": to_numpy(zloss),
+              "lse": to_numpy(lse), "loss_dtype": loss.dtype, "zloss_shape": zloss.shape}
+    result["grad"] = to_numpy(ms.grad(differentiable(0))(xt, tt))
+    if want_z:
+        result["zgrad"] = to_numpy(ms.grad(differentiable(2))(xt, tt))
+    return result
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def check_against_numpy(result, x, target, weight, options, dtype):
+    ref = numpy_cross_entropy(rounded(x, dtype), target, weight, options.get("reduction", "mean"),
+                              options.get("ignore_index", IGNORE_INDEX),
+                              options.get("label_smoothing", 0.0),
+                              options.get("lse_square_scale_for_zloss", 0.0))
+    assert result["loss_dtype"] == dtype
+    assert_close(result["loss"], ref["loss"], dtype, "loss")
+    assert_close(result["log_prob"], ref["log_prob"], dtype, "log_prob")
+    assert_close_to_peak(result["grad"], ref["grad"], dtype, "d loss / d input", ref["grad_unit"])
+    if options.get("lse_square_scale_for_zloss", 0.0) > 0:
+        assert_close(result["lse"], ref["lse"], ms.float32 if dtype == ms.float32 else dtype, "lse")
+    else:
+        assert result["lse"].shape == (0,)
+    if options.get("return_zloss", False):
+        assert_close(result["zloss"], ref["zloss"], dtype, "zloss")
+        assert_close_to_peak(result["zgrad"], ref["zgrad"], dtype, "d zloss / d input")
+    else:
+        assert result["zloss_shape"] == (0,)
+    return ref
+
+
+def option_grid():
+    """Every combination of the options (48), as (weighted, ignore_fraction, options)."""
+    for weighted, ignore, eps, zscale, reduction in itertools.product(
+            (False, True), (0.0, 0.25), (0.0, 0.1), (0.0, 0.02), REDUCTIONS):
+        options = {"reduction": reduction, "label_smoothing": eps,
+                   "lse_square_scale_for_zloss": zscale, "return_zloss": zscale > 0}
+        yield pytest.param(weighted, ignore, options,
+                           id=f"w{int(weighted)}-ign{ignore}-eps{eps}-z{zscale}-{reduction}")
+
+
+GRID = list(option_grid())
+# A spread subset of the grid for the slower modes and dtypes (every option value appears).
+SUBSET = GRID[::5]
+
+
+@pytest.mark.parametrize("weighted,ignore_fraction,options", GRID)
+def test_every_option_float32_pynative_vs_numpy_and_torch(weighted, ignore_fraction, options):
+    x, t, w = make_case(37, 1000, seed=1, ignore_fraction=ignore_fraction)
+    weight = w if weighted else None
+    result = run_op("pynative", x, t, weight, options, ms.float32)
+    check_against_numpy(result, x, t, weight, options, ms.float32)
+    loss, grad, zloss, zgrad = torch_cross_entropy(
+        x, t, weight, options["reduction"], IGNORE_INDEX, options["label_smoothing"],
+        options["lse_square_scale_for_zloss"])
+    assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+    assert_close_to_peak(result["grad"], grad, ms.float32, "grad vs torch")
+    if options["return_zloss"]:
+        assert_close(result["zloss"], zloss, ms.float32, "zloss vs torch")
+        assert_close_to_peak(result["zgrad"], zgrad, ms.float32, "zgrad vs torch")
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("weighted,ignore_fraction,options", SUBSET)
+def test_half_dtypes_vs_numpy(dtype_name, weighted, ignore_fraction, options):
+    x, t, w = make_case(29, 515, seed=2, ignore_fraction=ignore_fraction)
+    weight = w if weighted else None
+    result = run_op("pynative", x, t, weight, options, DTYPES[dtype_name])
+    check_against_numpy(result, x, t, weight, options, DTYPES[dtype_name])
+
+
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+@pytest.mark.parametrize("weighted,ignore_fraction,options", SUBSET)
+def test_graph_and_jit_modes(mode, weighted, ignore_fraction, options):
+    x, t, w = make_case(19, 300, seed=3, ignore_fraction=ignore_fraction)
+    weight = w if weighted else None
+    dtype = ms.bfloat16 if options["label_smoothing"] > 0 and weighted else ms.float32
+    result = run_op(mode, x, t, weight, options, dtype)
+    check_against_numpy(result, x, t, weight, options, dtype)
+
+
+ALL_OPTIONS = {"reduction": "mean", "label_smoothing": 0.05, "lse_square_scale_for_zloss": 0.01,
+               "return_zloss": True}
+
+
+@pytest.mark.parametrize("n_rows,n_classes", [(1, 1), (5, 1), (3, 17), (64, 16), (257, 33),
+                                              (2, 70001), (4, 2049)])
+def test_shapes(n_rows, n_classes):
+    x, t, w = make_case(n_rows, n_classes, seed=4, ignore_fraction=0.2)
+    result = run_op("pynative", x, t, w, ALL_OPTIONS, ms.float32)
+    check_against_numpy(result, x, t, w, ALL_OPTIONS, ms.float32)
+
+
+def test_seed_example_n4096_c8080_arange_targets():
+    n_rows, n_classes = 4096, 8080
+    x = np.random.default_rng(5).standard_normal((n_rows, n_classes)).astype(np.float32)
+    t = np.arange(n_rows, dtype=np.int64)
+    result = run_op("pynative", x, t, None, {}, ms.float32)
+    loss, grad, _, _ = torch_cross_entropy(x, t)
+    assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+    assert_close_to_peak(result["grad"], grad, ms.float32, "grad vs torch")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_probability_targets(reduction, dtype_name):
+    x, t, w = make_case(23, 130, seed=6, soft=True)
+    options = {"reduction": reduction, "label_smoothing": 0.1}
+    result = run_op("pynative", x, t, w, options, DTYPES[dtype_name])
+    check_against_numpy(result, x, rounded(t, DTYPES[dtype_name]), w, options, DTYPES[dtype_name])
+    if dtype_name == "float32":
+        loss, grad, _, _ = torch_cross_entropy(x, t, w, reduction, label_smoothing=0.1)
+        assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+        assert_close_to_peak(result["grad"], grad, ms.float32, "grad vs torch")
+
+
+def test_int32_and_int64_targets_agree():
+    x, t, w = make_case(33, 77, seed=7, ignore_fraction=0.3)
+    as64 = run_op("pynative", x, t, w, ALL_OPTIONS, ms.float32)
+    as32 = run_op("pynative", x, t.astype(np.int32), w, ALL_OPTIONS, ms.float32)
+    for key in ("loss", "zloss", "grad", "zgrad"):
+        np.testing.assert_array_equal(as32[key], as64[key])
+
+
+def test_ignore_index_that_is_a_valid_class():
+    x, t, _ = make_case(40, 6, seed=8)
+    options = {"ignore_index": 3, "label_smoothing": 0.1}
+    result = run_op("pynative", x, t, None, options, ms.float32)
+    assert (t == 3).any() and (t != 3).any()
+    check_against_numpy(result, x, t, None, options, ms.float32)
+    assert np.all(result["grad"][t == 3] == 0)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_rows_ignored_gives_zero_not_nan(mode, reduction):
+    x, t, w = make_case(8, 50, seed=9)
+    t[:] = IGNORE_INDEX
+    options = {"reduction": reduction, "label_smoothing": 0.2, "lse_square_scale_for_zloss": 0.1,
+               "return_zloss": True}
+    result = run_op(mode, x, t, w, options, ms.float32)
+    for key in ("loss", "zloss", "grad", "zgrad"):
+        assert np.all(result[key] == 0), key
+
+
+def test_large_common_offset_keeps_float32_accuracy():
+    offset = 1000.0
+    x, t, w = make_case(16, 4000, seed=10, offset=offset)
+    options = {"label_smoothing": 0.3, "reduction": "none"}
+    result = run_op("pynative", x, t, w, options, ms.float32)
+    ref = numpy_cross_entropy(x, t, w, reduction="none", label_smoothing=0.3)
+    # float32 resolves lse ~ 1010 to ~6e-5; allow a few of those, nothing like the cancellation
+    # of W * lse - sum_c w[c] x[c] (~4e6 in magnitude) without the kernel's reference shift.
+    ulp_at_offset = np.spacing(np.float32(offset))
+    np.testing.assert_allclose(result["loss"], ref["loss"], rtol=0, atol=8 * ulp_at_offset)
+    assert_close_to_peak(result["grad"], ref["grad"], ms.float32)
+
+
+def test_non_finite_logits_propagate_and_all_but_one_minus_inf_is_finite():
+    x, t, _ = make_case(4, 3000, seed=11)
+    x[0, 5] = np.nan
+    x[1, 7] = np.inf  # lse = inf - inf: NaN (PyTorch gives inf); either way not silently finite
+    x[2, :] = -np.inf
+    x[2, t[2]] = 0.0  # only the target is finite: loss 0, gradient 0
+    x[3, :2500] = -np.inf  # a whole kernel block of -inf before the finite values
+    t[3] = 2700
+    result = run_op("pynative", x, t, None, {"reduction": "none"}, ms.float32)
+    assert np.isnan(result["loss"][0]) and np.isnan(result["loss"][1])
+    assert result["loss"][2] == 0.0 and np.all(result["grad"][2] == 0.0)
+    ref = numpy_cross_entropy(x[3:], t[3:], reduction="none")
+    assert_close(result["loss"][3:], ref["loss"], ms.float32)
+    assert_close_to_peak(result["grad"][3:], ref["grad"], ms.float32)
+
+
+def test_empty_batch():
+    x = np.zeros((0, 10), np.float32)
+    t = np.zeros((0,), np.int64)
+    for reduction in REDUCTIONS:
+        result = run_op("pynative", x, t, None, {"reduction": reduction, "return_zloss": True,
+                                                 "lse_square_scale_for_zloss": 0.1}, ms.float32)
+        assert result["grad"].shape == (0, 10)
+        assert result["loss"].shape == ((0,) if reduction == "none" else ())
+        assert np.all(result["loss"] == 0)
+
+
+def test_dynamic_batch_size_in_graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cell = OpCell(None, {"label_smoothing": 0.1}, output=0)
+    cell.set_inputs(ms.Tensor(shape=[None, 64], dtype=ms.float32),
+                    ms.Tensor(shape=[None], dtype=ms.int64))
+    for n_rows in (5, 17, 1):
+        x, t, _ = make_case(n_rows, 64, seed=n_rows)
+        loss = cell(ms.Tensor(x), ms.Tensor(t))
+        grad = ms.grad(cell)(ms.Tensor(x), ms.Tensor(t))
+        ref = numpy_cross_entropy(x, t, label_smoothing=0.1)
+        assert_close(loss, ref["loss"], ms.float32)
+        assert_close_to_peak(grad, ref["grad"], ms.float32)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_loss_grad_from_log_prob(dtype_name, reduction):
+    dtype = DTYPES[dtype_name]
+    x, t, w = make_case(21, 200, seed=12, ignore_fraction=0.25)
+    options = {"reduction": reduction, "label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.05}
+    ref = numpy_cross_entropy(rounded(x, dtype), t, w, ignore_index=IGNORE_INDEX,
+                              reduction=reduction, label_smoothing=0.1, zloss_scale=0.05)
+    _, log_prob, _, lse = cross_entropy_loss(to_ms(x, dtype), ms.Tensor(t), ms.Tensor(w),
+                                             return_zloss=True, **options)
+    upstream = np.ones(21, np.float32) if reduction == "none" else np.float32(1.0)
+    grad = cross_entropy_loss_grad(to_ms(upstream, dtype), log_prob, ms.Tensor(t), ms.Tensor(w),
+                                   grad_zloss=to_ms(upstream, dtype), lse_for_zloss=lse, **options)
+    assert grad.dtype == dtype
+    assert_close_to_peak(grad, ref["grad"] + ref["zgrad"], dtype, "grad_input")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_cross_entropy_rows_memory_lean_building_block(dtype_name):
+    dtype = DTYPES[dtype_name]
+    x, t, w = make_case(31, 333, seed=13, ignore_fraction=0.2)
+    xt = to_ms(x, dtype)
+
+    def scalar(logits):
+        loss_rows, lse, _ = cross_entropy_rows(logits, ms.Tensor(t), ms.Tensor(w),
+                                               label_smoothing=0.1)
+        return loss_rows.sum() + 0.01 * (lse * lse).sum()
+
+    loss_rows, lse, row_weight = cross_entropy_rows(xt, ms.Tensor(t), ms.Tensor(w),
+                                                    label_smoothing=0.1)
+    ref = numpy_cross_entropy(rounded(x, dtype), t, w, reduction="none", label_smoothing=0.1)
+    mask = t != IGNORE_INDEX
+    assert loss_rows.dtype == ms.float32 and lse.dtype == ms.float32
+    assert_close(loss_rows, ref["loss"], ms.float32, "loss_rows")
+    assert_close(lse, ref["lse"], ms.float32, "lse")
+    np.testing.assert_allclose(to_numpy(row_weight), np.where(mask, w[np.where(mask, t, 0)], 0))
+    prob = np.exp(ref["log_prob"])
+    expected_grad = ref["grad"] + 0.02 * ref["lse"][:, None] * prob
+    assert_close_to_peak(ms.grad(scalar)(xt), expected_grad, dtype, "grad")
+
+
+BAD_INPUTS = [
+    ("input_rank", dict(x=np.zeros(5, np.float32)), ValueError, "`input` must be 2-D"),
+    ("input_dtype", dict(x=np.zeros((5, 3), np.int32)), TypeError, "`input` must be float16"),
+    ("zero_classes", dict(x=np.zeros((5, 0), np.float32)), ValueError, "C > 0"),
+    ("target_rank", dict(t=np.zeros((5, 2), np.int64)), ValueError, "`target` must be 1-D"),
+    ("target_dtype", dict(t=np.zeros(5, np.uint8)), TypeError, "`target` must be int32 or int64"),
+    ("target_rows", dict(t=np.zeros(4, np.int64)), ValueError, "`target` has 4 rows"),
+    ("soft_target_shape", dict(t=np.zeros((5, 2), np.float32)), ValueError, "probability `target`"),
+    ("target_too_large", dict(t=np.array([0, 1, 3, 0, 0])), ValueError, r"value 3 at position 2 is outside \[0, 3\)"),
+    ("target_negative", dict(t=np.array([0, -5, 0, 0, 0])), ValueError, "value -5 at position 1"),
+    ("weight_length", dict(w=np.ones(4, np.float32)), ValueError, r"`weight` must have shape \(3,\)"),
+    ("weight_negative", dict(w=np.array([1, -1, 1], np.float32)), ValueError, "`weight` must be non-negative"),
+    ("weight_dtype", dict(w=np.ones(3, np.int32)), TypeError, "`weight` must be a float tensor"),
+    ("reduction", dict(reduction="avg"), ValueError, "`reduction` must be one of"),
+    ("smoothing_high", dict(label_smoothing=1.0), ValueError, r"`label_smoothing` must be in \[0, 1\)"),
+    ("smoothing_negative", dict(label_smoothing=-0.1), ValueError, "`label_smoothing`"),
+    ("zloss_scale", dict(lse_square_scale_for_zloss=1.5), ValueError, "`lse_square_scale_for_zloss`"),
+    ("ignore_index_type", dict(ignore_index=1.5), TypeError, "`ignore_index` must be an int"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_raises_naming_the_argument(case):
+    _, changes, error, message = case
+    x = changes.get("x", np.zeros((5, 3), np.float32))
+    t = changes.get("t", np.zeros(5, np.int64))
+    w = changes.get("w")
+    options = {k: v for k, v in changes.items() if k not in ("x", "t", "w")}
+    with pytest.raises(error, match=message):
+        cross_entropy_loss(ms.Tensor(x), ms.Tensor(t), None if w is None else ms.Tensor(w),
+                           **options)
+
+
+def test_bad_input_in_graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        OpCell(None, {"reduction": "avg"})(ms.Tensor(np.zeros((5, 3), np.float32)),
+                                           ms.Tensor(np.zeros(5, np.int64)))
+    # Target values are unknown when the graph is compiled: the kernel checks them and never
+    # indexes with them; MindSpore raises when the kernel reports the error.
+    with pytest.raises(RuntimeError, match="XentHardForward"):
+        OpCell(None, {})(ms.Tensor(np.zeros((5, 3), np.float32)),
+                         ms.Tensor(np.array([0, 1, 7, 0, 0], np.int64)))[0].asnumpy()
+
+
+def test_grad_op_rejects_bad_input():
+    log_prob = ms.Tensor(np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match="cross_entropy_loss_grad: `reduction`"):
+        cross_entropy_loss_grad(ms.Tensor(np.float32(1)), log_prob, ms.Tensor(np.zeros(5, np.int64)),
+                                reduction="bad")
+    with pytest.raises(ValueError, match="cross_entropy_loss_grad: `target` value 9"):
+        cross_entropy_loss_grad(ms.Tensor(np.float32(1)), log_prob,
+                                ms.Tensor(np.full(5, 9, np.int64)))
