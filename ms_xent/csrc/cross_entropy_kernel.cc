@@ -61,7 +61,7 @@ int ReadAttrs(AotExtra *extra) {
 
 const CrossEntropyAttrs &GetAttrs(void *extra) {
   static const CrossEntropyAttrs kDefaults;
-  const AotKernelData *data = static_cast<AotExtra *>(extra)->KernelData();
+  const AotKernelData *data = extra ? static_cast<AotExtra *>(extra)->KernelData() : nullptr;
   return data ? *static_cast<const CrossEntropyAttrs *>(data) : kDefaults;
 }
 
@@ -119,27 +119,24 @@ RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target
     // While every element seen is -inf (or NaN) the max is -inf; exponentiate against 0 then,
     // which gives exp(-inf) = 0 and keeps NaN, instead of -inf - (-inf) = NaN.
     const float shift = running_max == kNegInf ? 0.0f : running_max;
-    float lane_exp[kLanes] = {0};
-    float lane_dot[kLanes] = {0};
-    float lane_mass[kLanes] = {0};
-    int64_t c = begin;
-    auto accumulate = [&](int lane, int64_t col) {
-      const float x = ToFloat(row[col]);
-      lane_exp[lane] += FastExp(x - shift);
-      if (kWithDot) {
-        float v = kWeighted ? weight[col] : 1.0f;
-        if (kSoft) v *= alpha * ToFloat(target_row[col]) + beta;
-        lane_dot[lane] += v * (x - ref);
-        lane_mass[lane] += v;
+    float block_exp = 0.0f, block_dot = 0.0f, block_mass = 0.0f;
+    if (kWithDot) {
+#pragma omp simd reduction(+ : block_exp, block_dot, block_mass)
+      for (int64_t c = begin; c < end; ++c) {
+        const float x = ToFloat(row[c]);
+        float v = kWeighted ? weight[c] : 1.0f;
+        if (kSoft) v *= alpha * ToFloat(target_row[c]) + beta;
+        block_exp += FastExp(x - shift);
+        block_dot += v * (x - ref);
+        block_mass += v;
       }
-    };
-    for (; c + kLanes <= end; c += kLanes) {
-      for (int j = 0; j < kLanes; ++j) accumulate(j, c + j);
+    } else {
+#pragma omp simd reduction(+ : block_exp)
+      for (int64_t c = begin; c < end; ++c) block_exp += FastExp(ToFloat(row[c]) - shift);
     }
-    for (; c < end; ++c) accumulate(0, c);
-    sum_exp += SumLanes(lane_exp);
-    dot += SumLanes(lane_dot);
-    mass += SumLanes(lane_mass);
+    sum_exp += block_exp;
+    dot += block_dot;
+    mass += block_mass;
   }
   const float shift = running_max == kNegInf ? 0.0f : running_max;
   return RowStats{shift + std::log(sum_exp), ref, dot, mass};
@@ -285,18 +282,14 @@ int SoftBackward(const CrossEntropyAttrs &attrs, int64_t N, int64_t C, const T *
       for (int64_t c = 0; c < C; ++c) out[c] = FromFloat<T>(0.0f);
       continue;
     }
-    float lane_mass[kLanes] = {0};
-    int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        lane_mass[j] += (kWeighted ? weight[c + j] : 1.0f) * (alpha * ToFloat(t[c + j]) + beta);
-      }
+    float mass = 0.0f;
+#pragma omp simd reduction(+ : mass)
+    for (int64_t c = 0; c < C; ++c) {
+      mass += (kWeighted ? weight[c] : 1.0f) * (alpha * ToFloat(t[c]) + beta);
     }
-    float mass = SumLanes(lane_mass);
-    for (; c < C; ++c) mass += (kWeighted ? weight[c] : 1.0f) * (alpha * ToFloat(t[c]) + beta);
     const float k = a * mass + b;
     const float shift = shift_rows[n];
-    for (c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       const float p = FastExp(ToFloat(row[c]) - shift);
       const float v = (kWeighted ? weight[c] : 1.0f) * (alpha * ToFloat(t[c]) + beta);
       out[c] = FromFloat<T>(p * k - a * v);
