@@ -1,6 +1,7 @@
 // Fused binary cross-entropy with logits (forward and backward) for MindSpore
-// `ops.Custom(func_type="aot")` on CPU. All arithmetic is float32; sums accumulate in float32
-// lanes within a segment and in float64 across segments.
+// `ops.Custom(func_type="aot")` on CPU. All arithmetic is float32; the "sum" kernel adds in
+// float32 within a segment of at most kChunk elements (one partial per SIMD lane) and in float64
+// across segments.
 //
 // Per element, with logit x, target t in [0, 1], weight w and positive-class weight pw:
 //   l = -w * ( pw * t * log(sigmoid(x)) + (1 - t) * log(1 - sigmoid(x)) )
@@ -39,8 +40,9 @@
 //
 // weight and pos_weight are float32 tensors of any shape that broadcasts to x (right-aligned,
 // size-1 dims repeat). The kernel derives their strides from the shapes it is given at run time,
-// merges dims that are contiguous for every operand, and walks x in chunks of whole segments of
-// the innermost merged dim, where each operand has stride 0 (repeated) or 1.
+// merges dims that are contiguous for every operand, and walks x in fixed-size chunks (the
+// parallel work items), split into segments at the ends of the innermost merged dim, along which
+// each operand has stride 0 (repeated) or 1.
 
 #include <algorithm>
 #include <cmath>
@@ -50,6 +52,7 @@
 
 #include "aot_abi.h"
 #include "vec_math.h"
+#include "dtype_dispatch.h"
 
 namespace ms_xent {
 namespace {
@@ -297,15 +300,6 @@ int Backward(const Layout &layout, const T *x, const T *t, const float *w, const
 
 // ---- entry points -----------------------------------------------------------------------------
 
-template <typename Fn>
-int DispatchFloat(const char *dtype, Fn &&fn) {
-  switch (ParseDType(dtype)) {
-    case DType::kFloat32: return fn(static_cast<float *>(nullptr));
-    case DType::kFloat16: return fn(static_cast<_Float16 *>(nullptr));
-    case DType::kBFloat16: return fn(static_cast<BFloat16 *>(nullptr));
-    default: return kBadArguments;
-  }
-}
 
 bool SameShape(int *ndims, int64_t **shapes, int a, int b) {
   return ndims[a] == ndims[b] && std::equal(shapes[a], shapes[a] + ndims[a], shapes[b]);

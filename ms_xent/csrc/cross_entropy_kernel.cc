@@ -40,6 +40,7 @@
 
 #include "aot_abi.h"
 #include "vec_math.h"
+#include "dtype_dispatch.h"
 
 namespace ms_xent {
 namespace {
@@ -63,26 +64,6 @@ const CrossEntropyAttrs &GetAttrs(void *extra) {
   static const CrossEntropyAttrs kDefaults;
   const AotKernelData *data = extra ? static_cast<AotExtra *>(extra)->KernelData() : nullptr;
   return data ? *static_cast<const CrossEntropyAttrs *>(data) : kDefaults;
-}
-
-// Runs fn with a typed null pointer for the floating dtype given by name.
-template <typename Fn>
-int DispatchFloat(const char *dtype, Fn &&fn) {
-  switch (ParseDType(dtype)) {
-    case DType::kFloat32: return fn(static_cast<float *>(nullptr));
-    case DType::kFloat16: return fn(static_cast<_Float16 *>(nullptr));
-    case DType::kBFloat16: return fn(static_cast<BFloat16 *>(nullptr));
-    default: return kBadArguments;
-  }
-}
-
-template <typename Fn>
-int DispatchIndex(const char *dtype, Fn &&fn) {
-  switch (ParseDType(dtype)) {
-    case DType::kInt32: return fn(static_cast<int32_t *>(nullptr));
-    case DType::kInt64: return fn(static_cast<int64_t *>(nullptr));
-    default: return kBadArguments;
-  }
 }
 
 // Streaming log-sum-exp of one row, plus optional weighted sums that share the same read:
