@@ -144,3 +144,66 @@ def assert_close_to_peak(actual, expected, dtype, what="", unit=0.0):
     peak = max(float(np.abs(expected).max()) if expected.size else 0.0, unit)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * max(peak, 1e-30),
                                err_msg=what)
+
+
+def torch_bce_with_logits(x, target, weight=None, pos_weight=None, reduction="mean",
+                          grad_loss=None):
+    """PyTorch float64 oracle of ``F.binary_cross_entropy_with_logits``.
+
+    Returns (loss, d/dx, d/dtarget) for the upstream gradient ``grad_loss`` (ones when None;
+    shaped like the loss). ``reduction`` is "none" / "mean" / "sum".
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def as_torch(array, requires_grad=False):
+        if array is None:
+            return None
+        return torch.tensor(np.asarray(array, np.float64), requires_grad=requires_grad)
+
+    xt = as_torch(x, True)
+    tt = as_torch(target, True)
+    loss = F.binary_cross_entropy_with_logits(xt, tt, weight=as_torch(weight),
+                                              pos_weight=as_torch(pos_weight), reduction=reduction)
+    upstream = (torch.ones_like(loss) if grad_loss is None
+                else as_torch(grad_loss).reshape(loss.shape))
+    grad_x, grad_t = torch.autograd.grad(loss, (xt, tt), upstream)
+    return loss.detach().numpy(), grad_x.numpy(), grad_t.numpy()
+
+
+def torch_masked_cross_entropy(x, target, mask=None, weight=None, ignore_index=-100,
+                               label_smoothing=0.0, zloss_scale=0.0, reduction="mean"):
+    """PyTorch float64 oracle of the CrossEntropyLoss Cell (``ms_xent.nn``, MindFormers-style).
+
+    Per row: r_n = l_n + s * rho_n * lse_n^2, with l_n from ``F.cross_entropy(reduction="none")``
+    and rho_n = w[y_n] (0 for ignored rows, 1 for probability targets). "none" gives mask * r,
+    "sum" its sum, "mean" sum(mask * r) / (sum(mask * rho) + 1e-8) (MindFormers' guard).
+    Returns (loss, d loss.sum() / dx).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    target = np.asarray(target)
+    tt = torch.tensor(target.astype(np.float64 if target.ndim == 2 else np.int64))
+    n_rows, n_classes = xt.shape
+    wt = torch.ones(n_classes, dtype=torch.float64) if weight is None else torch.tensor(
+        np.asarray(weight, np.float64))
+    mt = torch.ones(n_rows, dtype=torch.float64) if mask is None else torch.tensor(
+        np.asarray(mask, np.float64))
+    rows = F.cross_entropy(xt, tt, weight=wt, reduction="none", ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    if tt.ndim == 2:
+        rho = torch.ones(n_rows, dtype=torch.float64)
+    else:
+        counted = tt != ignore_index
+        rho = torch.where(counted, wt[torch.where(counted, tt, 0)], 0.0)
+    rows = rows + zloss_scale * rho * torch.logsumexp(xt, dim=1) ** 2
+    if reduction == "none":
+        loss = mt * rows
+    elif reduction == "sum":
+        loss = (mt * rows).sum()
+    else:
+        loss = (mt * rows).sum() / ((mt * rho).sum() + 1e-8)
+    (grad,) = torch.autograd.grad(loss.sum(), xt)
+    return loss.detach().numpy(), grad.numpy()

@@ -1,6 +1,8 @@
 """Functional ops of ms_xent (fused kernels behind ``mindspore.ops.Custom``)."""
 
+from ms_xent.ops.bce_with_logits import binary_cross_entropy_with_logits
 from ms_xent.ops.cross_entropy import (cross_entropy_loss, cross_entropy_loss_grad,
                                        cross_entropy_rows)
 
-__all__ = ["cross_entropy_loss", "cross_entropy_loss_grad", "cross_entropy_rows"]
+__all__ = ["binary_cross_entropy_with_logits", "cross_entropy_loss", "cross_entropy_loss_grad",
+           "cross_entropy_rows"]

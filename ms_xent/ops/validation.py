@@ -7,6 +7,8 @@ bad argument fails at compile time with the same message. Checks that need tenso
 kernels check the targets themselves and never index with an out-of-range value.
 """
 
+import numbers
+
 import numpy as np
 import mindspore as ms
 from mindspore.ops import constexpr
@@ -15,6 +17,7 @@ from mindspore.ops._primitive_cache import _is_need_compile
 FLOAT_TYPES = (ms.float32, ms.float16, ms.bfloat16)
 INDEX_TYPES = (ms.int32, ms.int64)
 REDUCTIONS = ("mean", "sum", "none")
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
 def _known(dim):
@@ -43,6 +46,10 @@ def check_float_input(api, name, shape, dtype, rank=None):
 def check_option_values(api, reduction, label_smoothing, zloss_scale):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{api}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, value in (("label_smoothing", label_smoothing),
+                        ("lse_square_scale_for_zloss", zloss_scale)):
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{api}: `{name}` must be a float in [0, 1), got {value!r}")
     if isinstance(label_smoothing, bool) or not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"{api}: `label_smoothing` must be in [0, 1), got {label_smoothing!r}")
     if isinstance(zloss_scale, bool) or not 0.0 <= float(zloss_scale) < 1.0:
@@ -55,20 +62,28 @@ def check_option_values(api, reduction, label_smoothing, zloss_scale):
 def check_ignore_index(api, ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"{api}: `ignore_index` must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= int(ignore_index) <= INT64_MAX:
+        raise ValueError(f"{api}: `ignore_index` must fit in int64 [{INT64_MIN}, {INT64_MAX}], "
+                         f"got {ignore_index!r}")
     return True
 
 
 @constexpr
-def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_dtype):
-    """Returns True for probability targets [N, C], False for class indices [N]."""
-    check_float_input(api, "input", input_shape, input_dtype, rank=2)
+def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_dtype,
+                            input_name="input"):
+    """Returns True for probability targets [N, C], False for class indices [N].
+
+    ``input_name`` is the caller's name of the [N, C] argument (``log_prob`` for the grad op).
+    """
+    check_float_input(api, input_name, input_shape, input_dtype, rank=2)
     n_rows, n_classes = input_shape
     if _known(n_classes) and n_classes <= 0:
-        raise ValueError(f"{api}: `input` must have C > 0 classes, got shape {tuple(input_shape)}")
+        raise ValueError(f"{api}: `{input_name}` must have C > 0 classes, got shape "
+                         f"{tuple(input_shape)}")
     soft = target_dtype in FLOAT_TYPES
     if soft:
         if tuple(target_shape) != tuple(input_shape) and all(_known(d) for d in target_shape):
-            raise ValueError(f"{api}: probability `target` must have the shape of `input` "
+            raise ValueError(f"{api}: probability `target` must have the shape of `{input_name}` "
                              f"{tuple(input_shape)}, got {tuple(target_shape)}")
         return True
     if target_dtype not in INDEX_TYPES:
@@ -77,7 +92,8 @@ def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_
     if len(target_shape) != 1:
         raise ValueError(f"{api}: `target` must be 1-D [N], got shape {tuple(target_shape)}")
     if _known(n_rows) and _known(target_shape[0]) and target_shape[0] != n_rows:
-        raise ValueError(f"{api}: `target` has {target_shape[0]} rows but `input` has {n_rows}")
+        raise ValueError(f"{api}: `target` has {target_shape[0]} rows but `{input_name}` has "
+                         f"{n_rows}")
     return False
 
 
@@ -106,3 +122,65 @@ def check_weight_values(api, weight):
     values = weight.asnumpy().astype(np.float64)
     if (values < 0).any():
         raise ValueError(f"{api}: `weight` must be non-negative, got min {values.min()}")
+
+
+# ---- binary_cross_entropy_with_logits ----------------------------------------------------------
+
+# The vendor op (aclnnBinaryCrossEntropyWithLogits) takes the reduction as an integer.
+BCE_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
+
+
+def _unknown_rank(shape):
+    return any(d == -2 for d in shape)
+
+
+@constexpr
+def bce_reduction(api, reduction):
+    """The reduction name for a name or the vendor's integer code (0 none, 1 mean, 2 sum)."""
+    if isinstance(reduction, str) and reduction in REDUCTIONS:
+        return reduction
+    if (isinstance(reduction, (int, np.integer)) and not isinstance(reduction, bool)
+            and int(reduction) in BCE_REDUCTION_CODES):
+        return BCE_REDUCTION_CODES[int(reduction)]
+    raise ValueError(f"{api}: `reduction` must be one of {REDUCTIONS} or an integer code "
+                     f"0 (none), 1 (mean), 2 (sum), got {reduction!r}")
+
+
+@constexpr
+def check_bce_input_and_target(api, input_shape, input_dtype, target_shape, target_dtype):
+    check_float_input(api, "input", input_shape, input_dtype)
+    if target_dtype not in FLOAT_TYPES:
+        raise TypeError(f"{api}: `target` must be float16, bfloat16 or float32 (probabilities "
+                        f"in [0, 1]), got {target_dtype}")
+    if _unknown_rank(input_shape) or _unknown_rank(target_shape):
+        return True
+    same = len(input_shape) == len(target_shape) and all(
+        a == b or not _known(a) or not _known(b) for a, b in zip(input_shape, target_shape))
+    if not same:
+        raise ValueError(f"{api}: `target` must have the shape of `input` {tuple(input_shape)}, "
+                         f"got {tuple(target_shape)}")
+    return True
+
+
+@constexpr
+def check_broadcastable_to(api, name, shape, dtype, target_shape):
+    """`name` (weight / pos_weight) is a float tensor that broadcasts to `target_shape`."""
+    if dtype not in FLOAT_TYPES:
+        raise TypeError(f"{api}: `{name}` must be float16, bfloat16 or float32, got {dtype}")
+    if _unknown_rank(shape) or _unknown_rank(target_shape):
+        return True
+    fits = len(shape) <= len(target_shape) and all(
+        d == 1 or d == t or not _known(d) or not _known(t)
+        for d, t in zip(reversed(shape), reversed(target_shape)))
+    if not fits:
+        raise ValueError(f"{api}: `{name}` of shape {tuple(shape)} cannot be broadcast to the "
+                         f"shape of `target` {tuple(target_shape)} (dims are right-aligned; each "
+                         "must be 1 or equal)")
+    return True
+
+
+def check_non_negative_values(api, name, tensor):
+    """Eager-only: every entry of `name` is >= 0 (NaN is let through to the loss)."""
+    values = tensor.astype(ms.float32).asnumpy()
+    if (values < 0).any():
+        raise ValueError(f"{api}: `{name}` must be non-negative, got min {values.min()}")
