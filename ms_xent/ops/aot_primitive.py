@@ -35,6 +35,11 @@ class KernelSpec:
     dtype_rows: Tuple[Tuple[str, ...], ...]
     # Maps the input dtypes to the output dtype(s) (MindSpore dtype objects).
     out_dtype: Callable
+    # Inputs that may be None (reg_info param_type "optional"), e.g. aclnn's `weightOptional`.
+    optional_inputs: Tuple[str, ...] = ()
+    # Attributes passed as call arguments after the tensor inputs, as (name, value_type) with
+    # value_type in CustomRegOp's vocabulary ("str", "int", "double", "bool"): the aclnn path.
+    call_attrs: Tuple[Tuple[str, str], ...] = ()
 
 
 def dtype_rows(*choices: Sequence[str], tie=None) -> Tuple[Tuple[str, ...], ...]:
@@ -57,11 +62,13 @@ def build_reg_info(spec: KernelSpec, attrs: Dict[str, object], target: str = "CP
     """The ``reg_info`` for ``ops.Custom``: inputs, outputs, attributes and dtype rows."""
     reg = CustomRegOp(spec.symbol)
     for index, name in enumerate(spec.inputs):
-        reg = reg.input(index, name)
+        reg = reg.input(index, name, "optional" if name in spec.optional_inputs else "required")
     for index, name in enumerate(spec.outputs):
         reg = reg.output(index, name)
     for name, value in attrs.items():
         reg = reg.attr(name, "required", "all", value=value)
+    for name, value_type in spec.call_attrs:
+        reg = reg.attr(name, "required", value_type)
     for row in spec.dtype_rows:
         reg = reg.dtype_format(*((dtype, "DefaultFormat") for dtype in row))
     return reg.target(target).get_op_info()

@@ -64,13 +64,14 @@ def binary_cross_entropy_with_logits(  # pylint: disable=redefined-builtin
     """
     reduction = bce_reduction(API, reduction)
     check_bce_input_and_target(API, input.shape, input.dtype, target.shape, target.dtype)
+    pos_weighted = pos_weight is not None
     weight = _factor("weight", weight, target.shape)
     pos_weight = _factor("pos_weight", pos_weight, target.shape)
     if target.dtype != input.dtype:
         target = target.astype(input.dtype)
     if not backend.uses_cpu_kernels():  # off CPU: ms_xent.ops.backend chooses the implementation
         return backend.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                        reduction)
+                                                        reduction, pos_weighted)
     if reduction == "none":
         return cached_primitive(BceWithLogitsForward, False)(input, target, weight, pos_weight)
     total = cached_primitive(BceWithLogitsForward, True)(input, target, weight, pos_weight)

@@ -9,6 +9,7 @@ float32 loss and lse only, no [N, C] output.
 import mindspore as ms
 from mindspore import ops
 
+from ms_xent.ops import backend
 from ms_xent.ops.aot_primitive import cached_primitive
 from ms_xent.ops.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
 from ms_xent.ops.validation import (check_ignore_index, check_logits_and_target,
@@ -26,9 +27,10 @@ def _class_weight(api, weight, n_classes):
     return weight.astype(ms.float32), True
 
 
-def _validate(api, logits, target, ignore_index):
+def _validate(api, logits, target, ignore_index, logits_name="input"):
     """Static checks; eager value checks. Returns True for probability targets."""
-    soft = check_logits_and_target(api, logits.shape, logits.dtype, target.shape, target.dtype)
+    soft = check_logits_and_target(api, logits.shape, logits.dtype, target.shape, target.dtype,
+                                   logits_name)
     check_ignore_index(api, ignore_index)
     if not soft and executing_eagerly():
         check_target_values(api, target, logits.shape[1], ignore_index)
@@ -41,6 +43,16 @@ def _safe_divide(numerator, denominator):
     return ops.select(positive, numerator / ops.select(positive, denominator,
                                                        ops.ones_like(denominator)),
                       ops.zeros_like(numerator))
+
+
+def _counted_lse(mask, lse):
+    """``lse`` on counted rows and exactly 0 on ignored ones, whatever their logits hold.
+
+    An ignored row of -inf (or NaN) logits has lse = -inf (NaN): ``mask * lse^2`` would be
+    0 * inf = NaN in the z-loss and in its gradient (selecting after squaring still sends
+    0 * lse back). Selecting lse itself keeps both exactly 0.
+    """
+    return ops.select(mask > 0, lse, ops.zeros_like(lse))
 
 
 def sum_rows(rows):
@@ -86,6 +98,9 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     check_option_values(api, "mean", label_smoothing, 0.0)
     soft = _validate(api, logits, target, ignore_index)
     weight_f32, weighted = _class_weight(api, weight, logits.shape[1])
+    if not backend.uses_cpu_kernels():  # off CPU: ms_xent.ops.backend chooses the implementation
+        return backend.cross_entropy_rows(logits, target, weight_f32 if weighted else None,
+                                          ignore_index, label_smoothing, soft)
     forward = cached_primitive(CrossEntropyForward, ignore_index, label_smoothing, weighted, soft,
                                False)
     if soft:
@@ -123,6 +138,10 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
     check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
     soft = _validate(api, input, target, ignore_index)
     weight_f32, weighted = _class_weight(api, weight, input.shape[1])
+    if not backend.uses_cpu_kernels():  # off CPU: ms_xent.ops.backend chooses the implementation
+        return backend.cross_entropy_loss(input, target, weight_f32 if weighted else None,
+                                          reduction, ignore_index, label_smoothing,
+                                          lse_square_scale_for_zloss, return_zloss, soft)
     forward = cached_primitive(CrossEntropyForward, ignore_index, label_smoothing, weighted, soft,
                                True)
     if soft:
@@ -136,7 +155,8 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
     zloss = ops.zeros((0,), input.dtype)
     if return_zloss:
         mask = row_mask(target, ignore_index, soft)
-        z_rows = mask * lse_square_scale_for_zloss * lse * lse
+        counted_lse = _counted_lse(mask, lse)
+        z_rows = lse_square_scale_for_zloss * counted_lse * counted_lse
         zloss = _reduce(z_rows, reduction, sum_rows(mask)).astype(input.dtype)
     lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), ms.float32)
     return loss, log_prob, zloss, lse_for_zloss
@@ -161,8 +181,13 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     """
     api = "cross_entropy_loss_grad"
     check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
-    soft = _validate(api, log_prob, target, ignore_index)
+    soft = _validate(api, log_prob, target, ignore_index, "log_prob")
     weight_f32, weighted = _class_weight(api, weight, log_prob.shape[1])
+    if not backend.uses_cpu_kernels():  # off CPU: ms_xent.ops.backend chooses the implementation
+        return backend.cross_entropy_loss_grad(grad_loss, log_prob, target,
+                                               weight_f32 if weighted else None, grad_zloss,
+                                               lse_for_zloss, reduction, ignore_index,
+                                               label_smoothing, lse_square_scale_for_zloss, soft)
     mask = row_mask(target, ignore_index, soft)
 
     if soft:
@@ -180,7 +205,8 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
         z_grad = _per_row(grad_zloss, reduction, mask)
         if reduction == "mean":
             z_grad = _safe_divide(z_grad, sum_rows(mask))
-        row_grad_lse = z_grad * 2.0 * lse_square_scale_for_zloss * lse_for_zloss * mask
+        row_grad_lse = z_grad * 2.0 * lse_square_scale_for_zloss * _counted_lse(mask,
+                                                                                lse_for_zloss)
 
     backward = cached_primitive(CrossEntropyBackward, ignore_index, label_smoothing, weighted, soft)
     if soft:

@@ -1,0 +1,290 @@
+"""The Ascend op layer: the vendor operators, through MindSpore's built-in primitives or through
+``ops.Custom(func="aclnnXxx", func_type="aot")``.
+
+Nothing here has run on an NPU yet (see the README's Ascend section). What CPU tests check: the
+registration objects below against the aclnn C prototypes (parameter count, order, names, C types,
+output shapes and dtypes), the positional call arguments against the same prototypes, and that
+the built-in primitives are reached with arguments their front end accepts (GRAPH_MODE compiles
+up to kernel selection, which then fails on CPU).
+
+aclnn prototypes (``aclnnXxxGetWorkspaceSize``; tensors, then host scalars, then outputs):
+
+==================================  ==============================================================
+operator                            parameters
+==================================  ==============================================================
+aclnnCrossEntropyLoss               input, target, weightOptional | char* reductionOptional,
+                                    int64 ignoreIndex, double labelSmoothing,
+                                    double lseSquareScaleForZloss, bool returnZloss |
+                                    lossOut, logProbOut, zlossOut, lseForZlossOut
+aclnnCrossEntropyLossGrad           gradLoss, logProb, target, weightOptional,
+                                    gradZlossOptional, lseForZlossOptional |
+                                    char* reductionOptional, int64 ignoreIndex,
+                                    double labelSmoothing, double lseSquareScaleForZloss | out
+aclnnBinaryCrossEntropyWithLogits   self, target, weightOptional, posWeightOptional |
+                                    int64 reduction (0 none, 1 mean, 2 sum) | out
+==================================  ==============================================================
+
+The reg_info below uses the prototypes' own parameter names, so a reader (and the tests) can
+compare them one to one. MindSpore turns each reg_info attribute into the C type of its
+``value_type`` ("str" -> char*, "int" -> int64_t, "double" -> double, "bool" -> bool) and checks
+the total count against the CANN header when the primitive is built on Ascend.
+
+Vendor limits that shape how these are called (from the seed documents):
+- ``lossOut`` is [N] for "none" and [1] otherwise; ``zlossOut`` has the shape of ``lossOut``;
+  ``lseForZlossOut`` is [N]; all outputs have the dtype of ``input`` and none may be null.
+- With gradients, "mean" accepts only default arguments and "sum"/"none" only label_smoothing 0.
+  ms_xent therefore always calls the vendor op with "sum" or "none" and divides by the "mean"
+  denominator itself, which also makes an all-ignored "mean" 0 instead of 0/0.
+- The gradient op accepts only label_smoothing 0 and null z-loss inputs; targets are int64.
+"""
+
+import os
+
+import mindspore as ms
+from mindspore import ops
+from mindspore.ops import auto_generate as generated_ops
+
+from ms_xent.kernel_build import _cache_root
+from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, KernelSpec, build_reg_info, cached_primitive,
+                                       dtype_rows)
+from ms_xent.ops.composed import binary_cross_entropy_with_logits_grad, safe_divide
+from ms_xent.ops.validation import BCE_REDUCTION_CODES
+
+F32 = ("float32",)
+I64 = ("int64",)
+BCE_REDUCTION_VALUES = {name: code for code, name in BCE_REDUCTION_CODES.items()}
+
+
+def _same_dtype_as_first(first, *rest):
+    return first
+
+
+ACLNN_CROSS_ENTROPY_LOSS = KernelSpec(
+    "aclnnCrossEntropyLoss", ("input", "target", "weightOptional"),
+    ("lossOut", "logProbOut", "zlossOut", "lseForZlossOut"),
+    dtype_rows(FLOAT_DTYPES, I64, F32, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES,
+               tie={3: 0, 4: 0, 5: 0, 6: 0}),
+    lambda input_dtype, *rest: (input_dtype,) * 4,
+    optional_inputs=("weightOptional",),
+    call_attrs=(("reductionOptional", "str"), ("ignoreIndex", "int"),
+                ("labelSmoothing", "double"), ("lseSquareScaleForZloss", "double"),
+                ("returnZloss", "bool")))
+
+ACLNN_CROSS_ENTROPY_LOSS_GRAD = KernelSpec(
+    "aclnnCrossEntropyLossGrad",
+    ("gradLoss", "logProb", "target", "weightOptional", "gradZlossOptional",
+     "lseForZlossOptional"),
+    ("out",),
+    dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, I64, F32, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES,
+               tie={1: 0, 4: 0, 5: 0, 6: 0}),
+    _same_dtype_as_first,
+    optional_inputs=("weightOptional", "gradZlossOptional", "lseForZlossOptional"),
+    call_attrs=(("reductionOptional", "str"), ("ignoreIndex", "int"),
+                ("labelSmoothing", "double"), ("lseSquareScaleForZloss", "double")))
+
+ACLNN_BCE_WITH_LOGITS = KernelSpec(
+    "aclnnBinaryCrossEntropyWithLogits", ("self", "target", "weightOptional", "posWeightOptional"),
+    ("out",),
+    dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES,
+               tie={1: 0, 2: 0, 3: 0, 4: 0}),
+    _same_dtype_as_first,
+    optional_inputs=("weightOptional", "posWeightOptional"),
+    call_attrs=(("reduction", "int"),))
+
+ACLNN_SPECS = (ACLNN_CROSS_ENTROPY_LOSS, ACLNN_CROSS_ENTROPY_LOSS_GRAD, ACLNN_BCE_WITH_LOGITS)
+
+
+def ascend_reg_info(spec):
+    """The ``reg_info`` of an aclnn spec for ``ops.Custom`` on Ascend."""
+    return build_reg_info(spec, {}, target="Ascend")
+
+
+def builtin_available(name):
+    """True when this MindSpore has the built-in primitive ``name`` (e.g. "CrossEntropyLoss")."""
+    return hasattr(generated_ops, name)
+
+
+# ---- output shapes (documented in the aclnn pages; the loss is [1] unless "none") -------------
+
+def cross_entropy_loss_out_shapes(reduction):
+    """Output shapes of aclnnCrossEntropyLoss for one reduction, as an ``out_shape`` callable."""
+    def out_shape(input_shape, *rest):
+        n_rows = input_shape[0]
+        loss_shape = [n_rows] if reduction == "none" else [1]
+        return loss_shape, list(input_shape), loss_shape, [n_rows]
+    return out_shape
+
+
+def cross_entropy_loss_grad_out_shape(grad_loss_shape, log_prob_shape, *rest):
+    """aclnnCrossEntropyLossGrad: the gradient has the shape of ``logProb`` [N, C]."""
+    return list(log_prob_shape)
+
+
+def bce_with_logits_out_shape(reduction_code):
+    """Output shape of aclnnBinaryCrossEntropyWithLogits: ``self``'s shape for none, else [1]."""
+    def out_shape(input_shape, *rest):
+        return list(input_shape) if reduction_code == BCE_REDUCTION_VALUES["none"] else [1]
+    return out_shape
+
+
+# ---- positional call arguments, in the prototypes' order (tensors, then host scalars) ---------
+
+def cross_entropy_loss_args(input, target, weight, reduction, ignore_index,  # pylint: disable=redefined-builtin
+                            label_smoothing=0.0, lse_square_scale_for_zloss=0.0,
+                            return_zloss=False):
+    """Arguments of aclnnCrossEntropyLoss up to (not including) the outputs."""
+    return (input, target, weight, reduction, int(ignore_index), float(label_smoothing),
+            float(lse_square_scale_for_zloss), bool(return_zloss))
+
+
+def cross_entropy_loss_grad_args(grad_loss, log_prob, target, weight, reduction, ignore_index):
+    """Arguments of aclnnCrossEntropyLossGrad; the z-loss inputs are null (the only value the
+    vendor accepts), label smoothing and the z-loss scale 0.0."""
+    return (grad_loss, log_prob, target, weight, None, None, reduction, int(ignore_index), 0.0,
+            0.0)
+
+
+def bce_with_logits_args(input, target, weight, pos_weight, reduction):  # pylint: disable=redefined-builtin
+    """Arguments of aclnnBinaryCrossEntropyWithLogits; ``reduction`` as its integer code."""
+    return (input, target, weight, pos_weight, BCE_REDUCTION_VALUES[reduction])
+
+
+# ---- the Custom primitives (built lazily, on first use on the device) --------------------------
+
+def _keep_callback_build_out_of_cwd():
+    """On Ascend, ``ops.Custom`` compiles a small aclnn callback into ``MS_COMPILER_CACHE_PATH``,
+    which defaults to ``./custom_kernel_meta/``; point it at ms_xent's cache unless it is set."""
+    if not os.environ.get("MS_COMPILER_CACHE_PATH"):
+        os.environ["MS_COMPILER_CACHE_PATH"] = os.path.join(_cache_root(), "aclnn_callbacks")
+
+
+def _zero_gradient(optional_tensor):
+    """The gradient returned for an input that gets none: zeros, or 0 for a None input."""
+    return 0 if optional_tensor is None else ops.zeros_like(optional_tensor)
+
+
+class AclnnPrimitive(ops.Custom):
+    """``ops.Custom`` calling the CANN operator ``spec.symbol`` by name (Ascend only).
+
+    ``out_shape`` is a Python callable (the aclnn path has no C++ infer); the call arguments are
+    the tensors followed by the host scalars, as built by the ``*_args`` functions above.
+    """
+
+    def __init__(self, spec, out_shape, bprop=None):
+        _keep_callback_build_out_of_cwd()
+        super().__init__(func=spec.symbol, out_shape=out_shape, out_dtype=spec.out_dtype,
+                         func_type="aot", bprop=bprop, reg_info=ascend_reg_info(spec))
+
+
+class AclnnCrossEntropyLossGrad(AclnnPrimitive):
+    """The gradient [N, C]; the reduction is a call argument and does not change the shapes."""
+
+    def __init__(self):
+        super().__init__(ACLNN_CROSS_ENTROPY_LOSS_GRAD, cross_entropy_loss_grad_out_shape)
+
+
+class AclnnCrossEntropyLoss(AclnnPrimitive):
+    """Forward; its bprop is aclnnCrossEntropyLossGrad on ``log_prob`` (only ``loss`` carries a
+    gradient, as documented by the vendor)."""
+
+    def __init__(self, reduction):
+        backward = AclnnCrossEntropyLossGrad()
+
+        def bprop(input, target, weight, reduction_argument, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
+                  zloss_scale, return_zloss, out, dout):
+            grad_loss = dout[0] if reduction == "none" else dout[0].reshape(())
+            grad = backward(*cross_entropy_loss_grad_args(grad_loss, out[1], target, weight,
+                                                          reduction_argument, ignore_index))
+            return grad, ops.zeros_like(target), ops.zeros_like(weight), 0, 0, 0, 0, 0
+
+        super().__init__(ACLNN_CROSS_ENTROPY_LOSS, cross_entropy_loss_out_shapes(reduction), bprop)
+
+
+class AclnnBinaryCrossEntropyWithLogits(AclnnPrimitive):
+    """Forward; the bprop is the closed-form gradient from :mod:`ms_xent.ops.composed`."""
+
+    def __init__(self, reduction):
+        def bprop(input, target, weight, pos_weight, reduction_code, out, dout):  # pylint: disable=redefined-builtin
+            upstream = dout if reduction == "none" else dout.reshape(())
+            grad_input, grad_target = binary_cross_entropy_with_logits_grad(
+                upstream, input, target, weight, pos_weight, reduction)
+            return (grad_input, grad_target, _zero_gradient(weight), _zero_gradient(pos_weight),
+                    0)
+
+        super().__init__(ACLNN_BCE_WITH_LOGITS,
+                         bce_with_logits_out_shape(BCE_REDUCTION_VALUES[reduction]), bprop)
+
+
+# ---- the vendor cross-entropy in ms_xent's conventions ----------------------------------------
+
+def _vendor_reduction(reduction):
+    return "none" if reduction == "none" else "sum"
+
+
+def _counted_rows(target, ignore_index):
+    return (target != ignore_index).astype(ms.float32).sum()
+
+
+def vendor_cross_entropy_loss(input, target, reduction, ignore_index, use_builtin):  # pylint: disable=redefined-builtin
+    """Unweighted class-index cross-entropy without smoothing or z-loss, by the vendor op.
+
+    Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum" (the
+    vendor's is [1]), "mean" = vendor "sum" / number of counted rows (0 when there are none), and
+    the zero-size z-loss outputs of a call without z-loss.
+    """
+    vendor_reduction = _vendor_reduction(reduction)
+    target = target.astype(ms.int64)
+    if use_builtin:
+        forward = cached_primitive(generated_ops.CrossEntropyLoss)
+        loss, log_prob, _, _ = forward(input, target, None, vendor_reduction, ignore_index, 0.0,
+                                       0.0, False)
+    else:
+        forward = cached_primitive(AclnnCrossEntropyLoss, vendor_reduction)
+        weight = ops.ones((input.shape[1],), ms.float32)
+        arguments = cross_entropy_loss_args(input, target, weight, vendor_reduction, ignore_index)
+        loss, log_prob, _, _ = forward(*arguments)
+    if reduction != "none":
+        loss = loss.reshape(())
+    if reduction == "mean":
+        loss = safe_divide(loss.astype(ms.float32),
+                           _counted_rows(target, ignore_index)).astype(input.dtype)
+    return loss, log_prob, ops.zeros((0,), input.dtype), ops.zeros((0,), ms.float32)
+
+
+def vendor_cross_entropy_loss_grad(grad_loss, log_prob, target, reduction, ignore_index,
+                                   use_builtin):
+    """Gradient of :func:`vendor_cross_entropy_loss` from its ``log_prob``, by the vendor op."""
+    vendor_reduction = _vendor_reduction(reduction)
+    target = target.astype(ms.int64)
+    if reduction == "mean":
+        grad_loss = safe_divide(grad_loss.astype(ms.float32).reshape(()),
+                                _counted_rows(target, ignore_index))
+    grad_loss = grad_loss.astype(log_prob.dtype)
+    if use_builtin:
+        # MindSpore's own bprop of CrossEntropyLoss passes the [1]-shaped loss gradient.
+        if reduction != "none":
+            grad_loss = grad_loss.reshape((1,))
+        backward = cached_primitive(generated_ops.CrossEntropyLossGrad)
+        return backward(grad_loss, log_prob, target, None, None, None, vendor_reduction,
+                        ignore_index, 0.0, 0.0)
+    if reduction != "none":
+        grad_loss = grad_loss.reshape(())
+    backward = cached_primitive(AclnnCrossEntropyLossGrad)
+    return backward(*cross_entropy_loss_grad_args(grad_loss, log_prob, target, None,
+                                                  vendor_reduction, ignore_index))
+
+
+def vendor_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,  # pylint: disable=redefined-builtin
+                                            use_builtin):
+    """BCE with logits by the vendor op; target, weight and pos_weight in the dtype of ``input``
+    (the vendor's output takes the target's dtype). Returns 0-d for "mean"/"sum"."""
+    target = target.astype(input.dtype)
+    weight = None if weight is None else weight.astype(input.dtype)
+    pos_weight = None if pos_weight is None else pos_weight.astype(input.dtype)
+    if use_builtin:
+        loss = cached_primitive(generated_ops.BCEWithLogitsLoss, reduction)(input, target, weight,
+                                                                            pos_weight)
+    else:
+        forward = cached_primitive(AclnnBinaryCrossEntropyWithLogits, reduction)
+        loss = forward(*bce_with_logits_args(input, target, weight, pos_weight, reduction))
+    return loss if reduction == "none" else loss.reshape(())

@@ -1,0 +1,807 @@
+"""The Ascend path, tested as far as a CPU allows (there is no NPU here).
+
+- Backend choice (ms_xent.ops.backend) for every option combination.
+- The Ascend registration objects (ms_xent.ops.ascend_op) against the aclnn C prototypes:
+  parameter count, order, names and C types (through MindSpore's own reg_info -> C type mapping
+  and its own header parser), optional inputs, documented dtypes, output shapes and dtypes, and
+  the positional call arguments. The prototypes are data below, checked against the seed
+  documents when those are present.
+- The dispatch of the public API when the device is Ascend, simulated by patching the device
+  target: vendor routes must reach the vendor primitive (which then fails on CPU, in PyNative at
+  kernel lookup, in GRAPH_MODE only after the whole graph, bprop included, was built), composed
+  routes must compute.
+- The composed fallback (ms_xent.ops.composed) against the CPU kernels, float64 numpy and PyTorch:
+  forward and gradient, options, float32 / bfloat16, PyNative and GRAPH_MODE.
+"""
+
+import glob
+import itertools
+import os
+import re
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn
+from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, CustomInfoGenerator
+
+from ms_xent.ops import (ascend_op, backend, binary_cross_entropy_with_logits, composed,
+                         cross_entropy_loss, cross_entropy_loss_grad, cross_entropy_rows)
+from tests.reference import (assert_close, assert_close_to_peak, numpy_cross_entropy,
+                             rounded, to_ms, to_numpy, torch_bce_with_logits, torch_cross_entropy)
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+SEEDS_DIR = os.environ.get("MS_XENT_SEEDS_DIR", "/work/shared/seeds")
+
+# ---- the aclnn prototypes ---------------------------------------------------------------------
+# Parameters of aclnnXxxGetWorkspaceSize. Grad and BCE: as in the seed documents
+# (aclnnCrossEntropyLossGrad.txt, aclnnBinaryCrossEntropyWithLogits.txt). Forward: the seeds hold
+# only the torch_npu page, so the C prototype is CANN's aclnnCrossEntropyLoss page
+# (https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/82RC1alpha002/API/aolapi/
+# context/aclnnCrossEntropyLoss.md); test_forward_prototype_matches_torch_npu_seed checks it
+# against the torch_npu seed.
+PROTOTYPES = {
+    "aclnnCrossEntropyLoss": (
+        "const aclTensor *input, const aclTensor *target, const aclTensor *weightOptional, "
+        "char *reductionOptional, int64_t ignoreIndex, double labelSmoothing, "
+        "double lseSquareScaleForZloss, bool returnZloss, const aclTensor *lossOut, "
+        "const aclTensor *logProbOut, const aclTensor *zlossOut, const aclTensor *lseForZlossOut, "
+        "uint64_t *workspaceSize, aclOpExecutor **executor"),
+    "aclnnCrossEntropyLossGrad": (
+        "const aclTensor *gradLoss, const aclTensor *logProb, const aclTensor *target, "
+        "const aclTensor *weightOptional, const aclTensor *gradZlossOptional, "
+        "const aclTensor *lseForZlossOptional, char *reductionOptional, int64_t ignoreIndex, "
+        "double labelSmoothing, double lseSquareScaleForZloss, const aclTensor *out, "
+        "uint64_t *workspaceSize, aclOpExecutor **executor"),
+    "aclnnBinaryCrossEntropyWithLogits": (
+        "const aclTensor *self, const aclTensor *target, const aclTensor *weightOptional, "
+        "const aclTensor *posWeightOptional, int64_t reduction, aclTensor *out, "
+        "uint64_t *workspaceSize, aclOpExecutor **executor"),
+}
+# How many of the trailing aclTensor parameters are outputs (from the parameter tables).
+N_OUTPUTS = {"aclnnCrossEntropyLoss": 4, "aclnnCrossEntropyLossGrad": 1,
+             "aclnnBinaryCrossEntropyWithLogits": 1}
+HALF_AND_SINGLE = {"float16", "float32", "bfloat16"}
+# Documented dtypes of each tensor parameter; "=x" means "the dtype of parameter x".
+DOCUMENTED_DTYPES = {
+    "aclnnCrossEntropyLoss": {
+        "input": HALF_AND_SINGLE, "target": {"int64"}, "weightOptional": {"float32"},
+        "lossOut": "=input", "logProbOut": "=input", "zlossOut": "=input",
+        "lseForZlossOut": "=input"},
+    "aclnnCrossEntropyLossGrad": {
+        "gradLoss": HALF_AND_SINGLE, "logProb": "=gradLoss", "target": {"int64"},
+        "weightOptional": {"float32"}, "gradZlossOptional": "=gradLoss",
+        "lseForZlossOptional": "=gradLoss", "out": "=gradLoss"},
+    "aclnnBinaryCrossEntropyWithLogits": {
+        "self": HALF_AND_SINGLE, "target": "=self", "weightOptional": "=self",
+        "posWeightOptional": "=self", "out": "=self"},
+}
+SPECS = {spec.symbol: spec for spec in ascend_op.ACLNN_SPECS}
+C_TYPE_OF_PYTHON = {str: "char*", int: "int64_t", float: "double", bool: "bool"}
+
+
+def parse_prototype(text):
+    """[(C type, name)] of a C parameter list, `const` dropped, pointer stars kept on the type."""
+    params = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(?:const\s+)?(\w+)\s*(\**)\s*(\w+)\s*", part)
+        params.append((match.group(1) + match.group(2), match.group(3)))
+    return params
+
+
+def operator_params(symbol):
+    """The operator's own parameters (without workspaceSize and executor)."""
+    params = parse_prototype(PROTOTYPES[symbol])
+    assert [name for _, name in params[-2:]] == ["workspaceSize", "executor"]
+    return params[:-2]
+
+
+def mindspore_header_types(symbol):
+    """The C types MindSpore reads from the CANN header on Ascend, by its own parser."""
+    generator = CustomInfoGenerator(symbol)
+    generator._get_aclnn_api_params = lambda: None  # pylint: disable=protected-access
+    generator.aclnn_api = f"{symbol}GetWorkspaceSize({PROTOTYPES[symbol]});"
+    return generator.get_aclnn_api_types()
+
+
+def reg_info_names(reg_info):
+    return ([entry["name"] for entry in reg_info["inputs"]]
+            + [entry["name"] for entry in reg_info["attr"]]
+            + [entry["name"] for entry in reg_info["outputs"]])
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.mark.parametrize("symbol", sorted(PROTOTYPES))
+def test_reg_info_matches_prototype(symbol):
+    reg_info = ascend_op.ascend_reg_info(SPECS[symbol])
+    params = operator_params(symbol)
+    assert reg_info["op_name"] == symbol and reg_info["target"] == "Ascend"
+    assert reg_info_names(reg_info) == [name for _, name in params], "names and order"
+    assert len(reg_info["outputs"]) == N_OUTPUTS[symbol]
+    # MindSpore maps every reg_info entry to a C type; it must be the prototype's type.
+    registered_types = CustomCodeGenerator().get_api_types_by_reg_info(reg_info)[:-2]
+    assert registered_types == [c_type for c_type, _ in params], "C types"
+    assert mindspore_header_types(symbol)[:-2] == registered_types
+    # What MindSpore checks when it builds the primitive on Ascend: the parameter count.
+    callback = CustomCodeGenerator().generate_callback_by_types(
+        symbol, reg_info, mindspore_header_types(symbol))
+    assert f"extern \"C\" int {symbol}GetWorkSpaceSize" in callback
+    optional = [entry["paramType"] == "optional" for entry in reg_info["inputs"]]
+    assert optional == [entry["name"].endswith("Optional") for entry in reg_info["inputs"]]
+
+
+@pytest.mark.parametrize("symbol", sorted(PROTOTYPES))
+def test_reg_info_dtypes_are_the_documented_ones(symbol):
+    reg_info = ascend_op.ascend_reg_info(SPECS[symbol])
+    tensors = ([entry["name"] for entry in reg_info["inputs"]]
+               + [entry["name"] for entry in reg_info["outputs"]])
+    rows = [[dtype for dtype, _ in row] for row in reg_info["dtype_format"]]
+    documented = DOCUMENTED_DTYPES[symbol]
+    allowed_rows = [row for row in itertools.product(*(
+        sorted(documented[name]) if isinstance(documented[name], set) else [None]
+        for name in tensors))]
+    expected = set()
+    for row in allowed_rows:
+        row = list(row)
+        for index, name in enumerate(tensors):
+            if not isinstance(documented[name], set):
+                row[index] = row[tensors.index(documented[name][1:])]
+        expected.add(tuple(row))
+    assert {tuple(row) for row in rows} == expected
+    assert all(fmt == "DefaultFormat" for row in reg_info["dtype_format"] for _, fmt in row)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_output_shapes_and_dtypes(reduction):
+    n_rows, n_classes = 7, 11
+    loss = [n_rows] if reduction == "none" else [1]
+    shapes = ascend_op.cross_entropy_loss_out_shapes(reduction)(
+        [n_rows, n_classes], [n_rows], [n_classes], [], [], [], [], [])
+    assert shapes == (loss, [n_rows, n_classes], loss, [n_rows])
+    assert ascend_op.cross_entropy_loss_grad_out_shape(
+        [], [n_rows, n_classes], [n_rows], [n_classes]) == [n_rows, n_classes]
+    code = ascend_op.BCE_REDUCTION_VALUES[reduction]
+    assert ascend_op.bce_with_logits_out_shape(code)([3, 4, 5], [3, 4, 5]) == (
+        [3, 4, 5] if reduction == "none" else [1])
+    for dtype in (ms.float32, ms.float16, ms.bfloat16):
+        assert ascend_op.ACLNN_CROSS_ENTROPY_LOSS.out_dtype(dtype, ms.int64, ms.float32) == (
+            dtype,) * 4
+        assert ascend_op.ACLNN_CROSS_ENTROPY_LOSS_GRAD.out_dtype(dtype, dtype, ms.int64) == dtype
+        assert ascend_op.ACLNN_BCE_WITH_LOGITS.out_dtype(dtype, dtype) == dtype
+
+
+def c_type_of(argument):
+    if argument is None or isinstance(argument, ms.Tensor):
+        return "aclTensor*"
+    return C_TYPE_OF_PYTHON[type(argument)]
+
+
+def test_call_arguments_follow_the_prototypes():
+    x = ms.Tensor(np.zeros((3, 4), np.float32))
+    target = ms.Tensor(np.zeros(3, np.int64))
+    weight = ms.Tensor(np.ones(4, np.float32))
+    calls = {
+        "aclnnCrossEntropyLoss": ascend_op.cross_entropy_loss_args(
+            x, target, weight, "sum", IGNORE_INDEX, 0.1, 0.01, True),
+        "aclnnCrossEntropyLossGrad": ascend_op.cross_entropy_loss_grad_args(
+            ms.Tensor(1.0), x, target, None, "none", 3),
+        "aclnnBinaryCrossEntropyWithLogits": ascend_op.bce_with_logits_args(
+            x, x, None, weight, "mean"),
+    }
+    for symbol, arguments in calls.items():
+        params = operator_params(symbol)[:-N_OUTPUTS[symbol]]
+        assert [c_type_of(a) for a in arguments] == [c_type for c_type, _ in params], symbol
+        for argument, (_, name) in zip(arguments, params):
+            assert argument is not None or name.endswith("Optional"), (symbol, name)
+    loss_args = calls["aclnnCrossEntropyLoss"]
+    assert loss_args[3:] == ("sum", IGNORE_INDEX, 0.1, 0.01, True)
+    assert calls["aclnnCrossEntropyLossGrad"][4:] == (None, None, "none", 3, 0.0, 0.0)
+    assert calls["aclnnBinaryCrossEntropyWithLogits"][4] == 1  # "mean" is 1 for the vendor
+
+
+def test_custom_primitives_build_on_cpu_without_touching_the_cwd(monkeypatch, tmp_path):
+    monkeypatch.delenv("MS_COMPILER_CACHE_PATH", raising=False)
+    monkeypatch.setenv("MS_XENT_CACHE_DIR", str(tmp_path))
+    forward = ascend_op.AclnnCrossEntropyLoss("sum")
+    assert forward.func == "aclnnCrossEntropyLoss" and forward.multi_output
+    assert forward.get_bprop() is not None
+    grad = ascend_op.AclnnCrossEntropyLossGrad()
+    assert grad.func == "aclnnCrossEntropyLossGrad" and not grad.multi_output
+    bce = ascend_op.AclnnBinaryCrossEntropyWithLogits("mean")
+    assert bce.func == "aclnnBinaryCrossEntropyWithLogits"
+    assert os.environ["MS_COMPILER_CACHE_PATH"].startswith(str(tmp_path))
+
+
+# ---- seed documents ---------------------------------------------------------------------------
+
+def read_seed(name):
+    path = os.path.join(SEEDS_DIR, name)
+    if not os.path.exists(path):
+        pytest.skip(f"seed document {path} is not in this checkout (set MS_XENT_SEEDS_DIR); the "
+                    "prototypes are still checked from the copies in this file")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def normalise(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.mark.parametrize("symbol,seed", [
+    ("aclnnCrossEntropyLossGrad", "aclnnCrossEntropyLossGrad.txt"),
+    ("aclnnBinaryCrossEntropyWithLogits", "aclnnBinaryCrossEntropyWithLogits.txt")])
+def test_prototypes_match_seed_documents(symbol, seed):
+    text = read_seed(seed)
+    match = re.search(symbol + r"GetWorkspaceSize\((.*?)\)", text, re.S)
+    assert normalise(match.group(1)) == normalise(PROTOTYPES[symbol])
+
+
+def snake(name):
+    """aclnn parameter name -> torch_npu name: camelCase to snake_case, no Optional/Out suffix."""
+    name = re.sub(r"(Optional|Out)$", "", name)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def test_forward_prototype_matches_torch_npu_seed():
+    text = read_seed("npu_cross_entropy_loss.txt")
+    match = re.search(r"npu_cross_entropy_loss\((.*?)\)\s*->\s*\((.*?)\)", text, re.S)
+    seed_params = [re.fullmatch(r"\s*(\w+\??)\s+(\w+)(?:=.*)?\s*", part).groups()
+                   for part in match.group(1).split(",")]
+    params = operator_params("aclnnCrossEntropyLoss")
+    inputs, outputs = params[:-4], params[-4:]
+    torch_to_c = {"Tensor": "aclTensor*", "Tensor?": "aclTensor*", "str": "char*",
+                  "int": "int64_t", "float": "double", "bool": "bool"}
+    assert [(torch_to_c[t], n) for t, n in seed_params] == [(c, snake(n)) for c, n in inputs]
+    assert match.group(2).split(", ") == ["Tensor"] * len(outputs)
+    documented_outputs = re.findall(r"^\s*•\s*(\w+)\s*[:：]", text.split("输出说明")[1], re.M)
+    assert documented_outputs == [snake(name) for _, name in outputs]
+
+
+# ---- backend choice ---------------------------------------------------------------------------
+
+CHOICE_CASES = [
+    # (device, options, builtin available, preference) -> backend
+    ("CPU", {}, True, backend.ASCEND_BUILTIN, backend.CPU_KERNEL),
+    ("CPU", {"soft_target": True, "zloss": True}, False, backend.COMPOSED, backend.CPU_KERNEL),
+    ("GPU", {}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
+    ("Ascend", {}, True, backend.ASCEND_BUILTIN, backend.ASCEND_BUILTIN),
+    ("Ascend", {"n_rows": 199999}, True, backend.ASCEND_BUILTIN, backend.ASCEND_BUILTIN),
+    ("Ascend", {"n_rows": -1}, True, backend.ASCEND_BUILTIN, backend.ASCEND_BUILTIN),
+    ("Ascend", {}, False, backend.ASCEND_BUILTIN, backend.ASCEND_ACLNN_CUSTOM),
+    ("Ascend", {}, True, backend.ASCEND_ACLNN_CUSTOM, backend.ASCEND_ACLNN_CUSTOM),
+    ("Ascend", {}, True, backend.COMPOSED, backend.COMPOSED),
+    ("Ascend", {"n_rows": 200000}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
+    ("Ascend", {"n_rows": 0}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
+    ("Ascend", {"soft_target": True}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
+    ("Ascend", {"weighted": True}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
+    ("Ascend", {"label_smoothing": 0.1}, True, backend.ASCEND_ACLNN_CUSTOM, backend.COMPOSED),
+    ("Ascend", {"zloss": True}, False, backend.ASCEND_BUILTIN, backend.COMPOSED),
+]
+
+
+@pytest.mark.parametrize("device,options,builtin,preference,expected", CHOICE_CASES)
+def test_cross_entropy_backend_cases(device, options, builtin, preference, expected):
+    assert backend.choose_cross_entropy_backend(
+        device, builtin_available=builtin, preference=preference, **options) == expected
+
+
+def test_cross_entropy_backend_every_combination():
+    """Every option combination: the vendor op is chosen exactly when it can serve the call."""
+    for (device, soft, weighted, smoothing, zloss, n_rows, builtin, preference) in (
+            itertools.product(("CPU", "Ascend", "GPU"), (False, True), (False, True), (0.0, 0.1),
+                              (False, True), (-1, 0, 1, 199999, 200000, 10 ** 7), (False, True),
+                              (backend.ASCEND_BUILTIN, backend.ASCEND_ACLNN_CUSTOM,
+                               backend.COMPOSED))):
+        choice = backend.choose_cross_entropy_backend(
+            device, soft_target=soft, weighted=weighted, label_smoothing=smoothing, zloss=zloss,
+            n_rows=n_rows, builtin_available=builtin, preference=preference)
+        servable = (not (soft or weighted or zloss) and smoothing == 0
+                    and (n_rows < 0 or 0 < n_rows < 200000))
+        if device == "CPU":
+            assert choice == backend.CPU_KERNEL
+        elif device != "Ascend" or preference == backend.COMPOSED or not servable:
+            assert choice == backend.COMPOSED
+        elif builtin and preference == backend.ASCEND_BUILTIN:
+            assert choice == backend.ASCEND_BUILTIN
+        else:
+            assert choice == backend.ASCEND_ACLNN_CUSTOM
+
+
+def test_bce_backend_every_combination():
+    for device, n_elements, pos_weighted, builtin, preference in itertools.product(
+            ("CPU", "Ascend", "GPU"), (-1, 0, 1, 10 ** 9), (False, True), (False, True),
+            (backend.ASCEND_BUILTIN, backend.ASCEND_ACLNN_CUSTOM, backend.COMPOSED)):
+        choice = backend.choose_bce_backend(device, n_elements=n_elements,
+                                            pos_weighted=pos_weighted,
+                                            builtin_available=builtin, preference=preference)
+        builtin_chosen = builtin and preference == backend.ASCEND_BUILTIN
+        if device == "CPU":
+            assert choice == backend.CPU_KERNEL
+        elif device != "Ascend" or preference == backend.COMPOSED or n_elements == 0:
+            assert choice == backend.COMPOSED
+        elif builtin_chosen:
+            assert choice == (backend.COMPOSED if pos_weighted else backend.ASCEND_BUILTIN)
+        else:
+            assert choice == backend.ASCEND_ACLNN_CUSTOM
+
+
+def test_device_target_and_preference(monkeypatch):
+    assert backend.device_target() == ms.get_context("device_target") == "CPU"
+    assert backend.uses_cpu_kernels()
+    for value, expected in (("builtin", backend.ASCEND_BUILTIN), (" Composed", backend.COMPOSED),
+                            ("aclnn_custom", backend.ASCEND_ACLNN_CUSTOM)):
+        monkeypatch.setenv(backend.PREFERENCE_VARIABLE, value)
+        backend.preferred_backend.cache_clear()
+        assert backend.preferred_backend() == expected
+    monkeypatch.setenv(backend.PREFERENCE_VARIABLE, "npu")
+    backend.preferred_backend.cache_clear()
+    with pytest.raises(ValueError, match="MS_XENT_ASCEND_BACKEND must be one of"):
+        backend.preferred_backend()
+    monkeypatch.delenv(backend.PREFERENCE_VARIABLE)
+    backend.preferred_backend.cache_clear()
+    assert backend.preferred_backend() == backend.ASCEND_BUILTIN
+
+
+# ---- dispatch with the device target patched to Ascend ----------------------------------------
+
+def constant(value):
+    """A function returning ``value`` (a def, not a lambda: GRAPH_MODE parses it)."""
+    def get():
+        return value
+    return get
+
+
+@pytest.fixture(name="ascend")
+def fixture_ascend(monkeypatch, tmp_path):
+    """Makes ms_xent believe it runs on Ascend; returns a setter for the backend preference."""
+    monkeypatch.setattr(backend, "device_target", constant("Ascend"))
+    monkeypatch.setenv("MS_COMPILER_CACHE_PATH", str(tmp_path / "aclnn_callbacks"))
+    monkeypatch.setattr(backend, "preferred_backend", constant(backend.ASCEND_BUILTIN))
+
+    def prefer(choice):
+        monkeypatch.setattr(backend, "preferred_backend", constant(choice))
+    return prefer
+
+
+def make_case(n_rows, n_classes, seed, ignore_fraction=0.0, soft=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n_rows, n_classes)) * 3).astype(np.float32)
+    if soft:
+        t = rng.random((n_rows, n_classes)).astype(np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, n_classes, n_rows).astype(np.int64)
+        t[rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
+    w = (rng.random(n_classes) + 0.25).astype(np.float32)
+    return x, t, w
+
+
+class LossCell(nn.Cell):
+    def __init__(self, weight, options, output):
+        super().__init__()
+        self.weight = weight
+        self.options = options
+        self.output = output
+
+    def construct(self, x, target):
+        return cross_entropy_loss(x, target, self.weight, **self.options)[self.output].sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target_dtype", [np.int64, np.int32])
+def test_vendor_route_reaches_the_builtin_primitive_pynative(ascend, reduction, target_dtype):
+    x, t, _ = make_case(6, 5, seed=1, ignore_fraction=0.3)
+    xt, tt = ms.Tensor(x), ms.Tensor(t.astype(target_dtype))
+    with pytest.raises(RuntimeError, match="kernel CrossEntropyLoss unregistered"):
+        cross_entropy_loss(xt, tt, reduction=reduction, ignore_index=IGNORE_INDEX)[0].asnumpy()
+    grad_loss = ms.Tensor(np.ones(6, np.float32)) if reduction == "none" else ms.Tensor(1.0)
+    with pytest.raises(RuntimeError, match="kernel CrossEntropyLossGrad unregistered"):
+        cross_entropy_loss_grad(grad_loss, xt, tt, reduction=reduction).asnumpy()
+
+
+def test_vendor_route_builds_the_builtin_graph_with_its_bprop(ascend):
+    """GRAPH_MODE: the forward and MindSpore's bprop pass type/shape inference; only kernel
+    selection fails (no CPU kernel for the vendor op)."""
+    x, t, _ = make_case(6, 5, seed=2, ignore_fraction=0.3)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    with pytest.raises(RuntimeError, match=r"Unsupported op \[CrossEntropyLoss\] on CPU"):
+        ms.grad(LossCell(None, {"reduction": "mean"}, 0))(ms.Tensor(x), ms.Tensor(t))
+
+
+def test_aclnn_custom_route_builds_forward_and_grad_customs(ascend, tmp_path):
+    """GRAPH_MODE with MS_XENT_ASCEND_BACKEND=aclnn_custom: the forward Custom, its Python infer
+    and its bprop (the gradient Custom) are built; the CPU kernel factory then refuses the aclnn
+    name. The saved graph shows the gradient Custom with the vendor's arguments."""
+    ascend(backend.ASCEND_ACLNN_CUSTOM)
+    x, t, _ = make_case(6, 5, seed=3, ignore_fraction=0.3)
+    graphs_path = ms.get_context("save_graphs_path")
+    ms.set_context(mode=ms.GRAPH_MODE, save_graphs=1, save_graphs_path=str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match="'aclnnCrossEntropyLoss' is illegal"):
+            ms.grad(LossCell(None, {"reduction": "sum", "ignore_index": 2}, 0))(
+                ms.Tensor(x), ms.Tensor(t))
+    finally:
+        ms.set_context(save_graphs=0, save_graphs_path=graphs_path)
+    graphs = "".join(open(path, encoding="utf-8").read()
+                     for path in glob.glob(str(tmp_path / "**" / "*.ir"), recursive=True))
+    assert re.search(r"= Custom\([^\n]*\"sum\", I64\(2\), F32\(0\), F32\(0\), Bool\(0\)\)", graphs)
+    assert re.search(r"= Custom\([^\n]*None, None, \"sum\", I64\(2\), F32\(0\), F32\(0\)\)",
+                     graphs), "the bprop's aclnnCrossEntropyLossGrad call"
+
+
+def public_api(mode, x, target, weight, options, dtype):
+    """Outputs of ms_xent.ops.cross_entropy_loss and d(sum loss)/dx, float64 numpy."""
+    xt = to_ms(x, dtype)
+    tt = ms.Tensor(target) if target.dtype.kind == "i" else to_ms(target, dtype)
+    wt = None if weight is None else ms.Tensor(weight)
+    if mode == "graph":
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+    def summed(a, b):
+        outputs = cross_entropy_loss(a, b, wt, **options)
+        return outputs[0].astype(ms.float32).sum(), outputs
+
+    (_, outputs), grad = ms.value_and_grad(summed, grad_position=0, has_aux=True)(xt, tt)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    loss, log_prob, zloss, lse = (to_numpy(value) for value in outputs)
+    return {"loss": loss, "log_prob": log_prob, "zloss": zloss, "lse": lse,
+            "grad": to_numpy(grad), "dtype": outputs[0].dtype}
+
+
+def zloss_grad(x, target, weight, options):
+    xt, tt = ms.Tensor(x), ms.Tensor(target)
+    wt = None if weight is None else ms.Tensor(weight)
+    return to_numpy(ms.grad(
+        lambda a: cross_entropy_loss(a, tt, wt, **options)[2].sum())(xt))
+
+
+# (weighted, ignored rows, label smoothing, z-loss): a two-level orthogonal array, every pair of
+# settings of any two of the four options occurs; crossed with the three reductions.
+PAIRWISE_ROWS = ((0, 0, 0, 0), (0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0))
+
+
+def option_grid():
+    for row, reduction in itertools.product(PAIRWISE_ROWS, REDUCTIONS):
+        weighted, ignored, smoothed, zloss = row
+        options = {"reduction": reduction, "label_smoothing": 0.1 * smoothed,
+                   "lse_square_scale_for_zloss": 0.02 * zloss, "return_zloss": bool(zloss)}
+        yield pytest.param(bool(weighted), 0.3 * ignored, options,
+                           id=f"w{weighted}-ign{ignored}-eps{smoothed}-z{zloss}-{reduction}")
+
+
+GRID = list(option_grid())
+ALL_OPTIONS = {"reduction": "mean", "label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.02,
+               "return_zloss": True}
+
+
+def compare(composed_result, kernel_result, reference, options, dtype):
+    assert composed_result["dtype"] == dtype
+    for key in ("loss", "log_prob", "zloss", "lse"):
+        assert composed_result[key].shape == kernel_result[key].shape, key
+    assert_close(composed_result["loss"], kernel_result["loss"], dtype, "loss vs kernel")
+    assert_close(composed_result["log_prob"], kernel_result["log_prob"], dtype, "log_prob")
+    assert_close_to_peak(composed_result["grad"], kernel_result["grad"], dtype, "grad vs kernel",
+                         reference["grad_unit"])
+    assert_close(composed_result["loss"], reference["loss"], dtype, "loss vs numpy")
+    assert_close_to_peak(composed_result["grad"], reference["grad"], dtype, "grad vs numpy",
+                         reference["grad_unit"])
+    if options.get("return_zloss"):
+        assert_close(composed_result["zloss"], reference["zloss"], dtype, "zloss vs numpy")
+    if options.get("lse_square_scale_for_zloss", 0.0) > 0:
+        assert_close(composed_result["lse"], reference["lse"], dtype, "lse vs numpy")
+
+
+def reference_for(x, target, weight, options, dtype):
+    return numpy_cross_entropy(rounded(x, dtype), target, weight, options["reduction"],
+                               IGNORE_INDEX, options["label_smoothing"],
+                               options["lse_square_scale_for_zloss"])
+
+
+@pytest.mark.parametrize("weighted,ignore_fraction,options", GRID)
+def test_composed_route_float32_vs_kernel_numpy_torch(ascend, weighted, ignore_fraction, options):
+    """Options (pairwise) x reductions through the public API on (simulated) Ascend with the
+    composed backend forced: equal to the CPU kernel, float64 numpy and PyTorch, with gradients."""
+    x, t, w = make_case(23, 257, seed=4, ignore_fraction=ignore_fraction)
+    weight = w if weighted else None
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        kernel = public_api("pynative", x, t, weight, options, ms.float32)
+    ascend(backend.COMPOSED)
+    result = public_api("pynative", x, t, weight, options, ms.float32)
+    compare(result, kernel, reference_for(x, t, weight, options, ms.float32), options, ms.float32)
+    loss, grad, zloss, zgrad = torch_cross_entropy(
+        x, t, weight, options["reduction"], IGNORE_INDEX, options["label_smoothing"],
+        options["lse_square_scale_for_zloss"])
+    assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+    assert_close_to_peak(result["grad"], grad, ms.float32, "grad vs torch")
+    if options["return_zloss"]:
+        assert_close(result["zloss"], zloss, ms.float32, "zloss vs torch")
+        assert_close_to_peak(zloss_grad(x, t, weight, options), zgrad, ms.float32, "zgrad")
+
+
+@pytest.mark.parametrize("mode,dtype,soft,options", [
+    ("pynative", ms.bfloat16, False, ALL_OPTIONS),
+    ("pynative", ms.bfloat16, True, {"reduction": "mean", "label_smoothing": 0.1,
+                                     "lse_square_scale_for_zloss": 0.0, "return_zloss": False}),
+    ("graph", ms.float32, False, dict(ALL_OPTIONS, reduction="none")),
+    ("graph", ms.bfloat16, True, {"reduction": "sum", "label_smoothing": 0.0,
+                                  "lse_square_scale_for_zloss": 0.01, "return_zloss": True}),
+], ids=["bf16-all-options", "bf16-soft", "graph-f32-all-options", "graph-bf16-soft-zloss"])
+def test_composed_route_dtypes_modes_and_soft_targets(ascend, mode, dtype, soft, options):
+    x, t, w = make_case(19, 130, seed=5, ignore_fraction=0.0 if soft else 0.3, soft=soft)
+    target = rounded(t, dtype) if soft else t
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        kernel = public_api("pynative", x, t, w, options, dtype)
+    result = public_api(mode, x, t, w, options, dtype)  # weights: the composed route is chosen
+    compare(result, kernel, reference_for(x, target, w, options, dtype), options, dtype)
+
+
+class LossAndGrad(nn.Cell):
+    """Loss and d loss / d logits of the public API in one graph."""
+
+    def __init__(self, weight, options):
+        super().__init__()
+        self.loss = LossCell(weight, options, 0)
+        self.grad = ms.value_and_grad(self.loss)
+
+    def construct(self, x, target):
+        return self.grad(x, target)
+
+
+def test_composed_route_graph_dynamic_batch(ascend):
+    """GRAPH_MODE with N unknown at compile time (set_inputs): the composed route (chosen for the
+    class weights) compiles once and matches the kernel for two batch sizes."""
+    options = dict(ALL_OPTIONS, reduction="mean")
+    weight = ms.Tensor(make_case(1, 40, seed=16)[2])
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = LossAndGrad(weight, options)
+    net.set_inputs(ms.Tensor(shape=[None, 40], dtype=ms.float32),
+                   ms.Tensor(shape=[None], dtype=ms.int64))
+    for n_rows in (7, 12):
+        x, t, _ = make_case(n_rows, 40, seed=n_rows, ignore_fraction=0.3)
+        loss, grad = net(ms.Tensor(x), ms.Tensor(t))
+        with pytest.MonkeyPatch.context() as on_cpu:
+            on_cpu.setattr(backend, "device_target", constant("CPU"))
+            kernel = public_api("pynative", x, t, weight.asnumpy(), options, ms.float32)
+        assert_close(loss, kernel["loss"], ms.float32, f"loss, N={n_rows}")
+        assert_close_to_peak(grad, kernel["grad"], ms.float32, f"grad, N={n_rows}")
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient(ascend):
+    ascend(backend.COMPOSED)
+    x, _, _ = make_case(5, 7, seed=6)
+    t = np.full(5, IGNORE_INDEX, np.int64)
+    options = {"reduction": "mean", "label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.02,
+               "return_zloss": True}
+    result = public_api("pynative", x, t, None, options, ms.float32)
+    assert result["loss"] == 0 and result["zloss"] == 0
+    np.testing.assert_array_equal(result["grad"], np.zeros_like(x))
+
+
+@pytest.mark.parametrize("options", [
+    {"reduction": "none", "lse_square_scale_for_zloss": 0.1, "return_zloss": True},
+    {"reduction": "mean", "label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.1,
+     "return_zloss": True}])
+def test_ignored_rows_of_minus_inf_logits_match_kernel(ascend, options):
+    """An ignored row whose logits are all -inf: loss, z-loss and gradient stay exactly those of
+    the kernels (0 contribution, zero gradient); log_prob and lse report the row as it is."""
+    ascend(backend.COMPOSED)
+    x, t, w = make_case(6, 9, seed=15)
+    x[2] = -np.inf
+    t[2] = IGNORE_INDEX
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        kernel = public_api("pynative", x, t, w, options, ms.float32)
+        kernel["zgrad"] = zloss_grad(x, t, w, options)
+    result = public_api("pynative", x, t, w, options, ms.float32)
+    result["zgrad"] = zloss_grad(x, t, w, options)
+    assert np.isfinite(result["grad"]).all() and np.isfinite(result["zgrad"]).all()
+    for key in ("loss", "zloss", "log_prob", "lse", "grad", "zgrad"):
+        assert_close(result[key], kernel[key], ms.float32, key)
+
+
+@pytest.mark.parametrize("soft,options", [
+    (False, {"reduction": "mean", "label_smoothing": 0.1}),
+    (False, {"reduction": "none", "label_smoothing": 0.0, "lse_square_scale_for_zloss": 0.05}),
+    (True, {"reduction": "sum", "label_smoothing": 0.2}),
+])
+@pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16])
+def test_composed_grad_route_vs_kernel(ascend, soft, options, dtype):
+    """cross_entropy_loss_grad (from log_prob) on the composed route equals the CPU kernel's."""
+    x, t, w = make_case(17, 90, seed=7, ignore_fraction=0.0 if soft else 0.3, soft=soft)
+    zscale = options.get("lse_square_scale_for_zloss", 0.0)
+    target = to_ms(t, dtype) if soft else ms.Tensor(t)
+    rng = np.random.default_rng(8)
+    shape = (17,) if options["reduction"] == "none" else ()
+    grad_loss = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+    grad_zloss = ms.Tensor(rng.standard_normal(shape).astype(np.float32)) if zscale else None
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        _, log_prob, _, lse = cross_entropy_loss(to_ms(x, dtype), target, ms.Tensor(w),
+                                                 lse_square_scale_for_zloss=zscale)
+
+        def run():
+            return to_numpy(cross_entropy_loss_grad(
+                grad_loss, log_prob, target, ms.Tensor(w), grad_zloss, lse if zscale else None,
+                **options))
+        expected = run()
+    actual = run()  # weights given: the composed route
+    assert_close_to_peak(actual, expected, dtype, "composed grad vs kernel grad")
+
+
+def test_cross_entropy_rows_route_vs_kernel(ascend):
+    x, t, w = make_case(21, 66, seed=9, ignore_fraction=0.3)
+    xt, tt, wt = ms.Tensor(x), ms.Tensor(t), ms.Tensor(w)
+
+    def rows_and_grad():
+        def total(a):
+            loss_rows, lse, _ = cross_entropy_rows(a, tt, wt, IGNORE_INDEX, 0.1)
+            return loss_rows.sum() + 0.5 * (lse * lse).sum()
+        rows = cross_entropy_rows(xt, tt, wt, IGNORE_INDEX, 0.1)
+        return [to_numpy(value) for value in rows] + [to_numpy(ms.grad(total)(xt))]
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        expected = rows_and_grad()
+    for actual, wanted, what in zip(rows_and_grad(), expected,
+                                    ("loss_rows", "lse", "row_weight", "grad")):
+        assert_close(actual, wanted, ms.float32, what)
+
+
+# ---- BCE with logits --------------------------------------------------------------------------
+
+BCE_CASES = [
+    # (shape, weight shape, pos_weight shape, reduction)
+    ((7,), None, None, "mean"),
+    ((5, 9), (9,), (9,), "none"),
+    ((3, 4, 6), (4, 1), (6,), "sum"),
+    ((2, 3), (2, 3), None, "mean"),
+]
+
+
+def bce_case(shape, weight_shape, pos_weight_shape, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    t = rng.random(shape).astype(np.float32)
+
+    def factor(factor_shape):
+        return None if factor_shape is None else (rng.random(factor_shape) * 2).astype(np.float32)
+    return x, t, factor(weight_shape), factor(pos_weight_shape)
+
+
+@pytest.mark.parametrize("dtype", [ms.float32, ms.bfloat16])
+@pytest.mark.parametrize("shape,weight_shape,pos_weight_shape,reduction", BCE_CASES)
+def test_composed_bce_and_closed_form_gradient_vs_torch(shape, weight_shape, pos_weight_shape,
+                                                        reduction, dtype):
+    x, t, w, pw = bce_case(shape, weight_shape, pos_weight_shape, seed=10)
+    xt, tt = to_ms(x, dtype), to_ms(t, dtype)
+    wt = None if w is None else ms.Tensor(w)
+    pwt = None if pw is None else ms.Tensor(pw)
+    loss, grad_x, grad_t = torch_bce_with_logits(rounded(x, dtype), rounded(t, dtype), w, pw,
+                                                 reduction)
+    actual = composed.binary_cross_entropy_with_logits(xt, tt, wt, pwt, reduction)
+    assert actual.dtype == dtype and actual.shape == loss.shape
+    assert_close(actual, loss, dtype, "loss")
+    auto_x, auto_t = ms.grad(
+        lambda a, b: composed.binary_cross_entropy_with_logits(a, b, wt, pwt, reduction)
+        .astype(ms.float32).sum(), grad_position=(0, 1))(xt, tt)
+    upstream = ms.Tensor(np.ones(loss.shape, np.float32))
+    closed_x, closed_t = composed.binary_cross_entropy_with_logits_grad(
+        upstream, xt, tt, wt, pwt, reduction)
+    for what, value, expected in (("autodiff d/dx", auto_x, grad_x),
+                                  ("autodiff d/dt", auto_t, grad_t),
+                                  ("closed d/dx", closed_x, grad_x),
+                                  ("closed d/dt", closed_t, grad_t)):
+        assert value.dtype == dtype
+        assert_close_to_peak(value, expected, dtype, what)
+
+
+def test_aclnn_bce_bprop_vs_torch():
+    """The bprop of the aclnn BCE Custom runs on CPU (it is composed): gradients vs PyTorch."""
+    x, t, w, pw = bce_case((4, 6), (6,), (6,), seed=11)
+    rng = np.random.default_rng(12)
+    for reduction in REDUCTIONS:
+        upstream = rng.standard_normal((4, 6) if reduction == "none" else (1,)).astype(np.float32)
+        _, grad_x, grad_t = torch_bce_with_logits(x, t, w, pw, reduction,
+                                                  upstream.reshape(() if reduction != "none"
+                                                                   else (4, 6)))
+        prim = ascend_op.AclnnBinaryCrossEntropyWithLogits(reduction)
+        grads = prim.get_bprop()(ms.Tensor(x), ms.Tensor(t), ms.Tensor(w), ms.Tensor(pw),
+                                 ascend_op.BCE_REDUCTION_VALUES[reduction], None,
+                                 ms.Tensor(upstream))
+        assert len(grads) == 5 and grads[4] == 0
+        assert_close_to_peak(grads[0], grad_x, ms.float32, f"d/dx {reduction}")
+        assert_close_to_peak(grads[1], grad_t, ms.float32, f"d/dt {reduction}")
+        np.testing.assert_array_equal(to_numpy(grads[2]), np.zeros_like(w))
+
+
+def bce_api(mode, x, t, w, pw, reduction, dtype=ms.float32):
+    xt, tt = to_ms(x, dtype), to_ms(t, dtype)
+    wt = None if w is None else ms.Tensor(w)
+    pwt = None if pw is None else ms.Tensor(pw)
+    if mode == "graph":
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+    def summed(a, b):
+        loss = binary_cross_entropy_with_logits(a, b, wt, pwt, reduction)
+        return loss.astype(ms.float32).sum(), loss
+    (_, loss), (grad_x, grad_t) = ms.value_and_grad(summed, grad_position=(0, 1), has_aux=True)(
+        xt, tt)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    return loss, grad_x, grad_t
+
+
+@pytest.mark.parametrize("route,pos_weighted", [
+    (backend.ASCEND_BUILTIN, False), (backend.COMPOSED, True)])
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_bce_routes_vs_torch(ascend, monkeypatch, route, pos_weighted, mode):
+    """On (simulated) Ascend, BCE goes to MindSpore's BCEWithLogitsLoss, which has a CPU kernel:
+    the built-in route runs here for real (arguments, reduction, bprop for input and target);
+    with pos_weight the composed route is chosen."""
+    vendor_calls = []
+    vendor = ascend_op.vendor_binary_cross_entropy_with_logits
+    if mode == "pynative":  # a spy on the vendor route (GRAPH_MODE could not parse its append)
+        def spy(*args):
+            vendor_calls.append(args[-1])
+            return vendor(*args)
+        monkeypatch.setattr(ascend_op, "vendor_binary_cross_entropy_with_logits", spy)
+    x, t, w, pw = bce_case((5, 8), (8,), (8,) if pos_weighted else None, seed=13)
+    x[0, :3] = (-100.0, 40.0, 100.0)  # where MindSpore's own target gradient breaks (below)
+    for reduction in REDUCTIONS:
+        loss, grad_x, grad_t = bce_api(mode, x, t, w, pw, reduction)
+        if mode == "pynative":
+            assert vendor_calls == ([True] if route == backend.ASCEND_BUILTIN else [])
+            vendor_calls.clear()
+        expected, expected_x, expected_t = torch_bce_with_logits(x, t, w, pw, reduction)
+        assert loss.shape == expected.shape
+        assert_close(loss, expected, ms.float32, f"loss {reduction}")
+        assert_close_to_peak(grad_x, expected_x, ms.float32, f"d/dx {reduction}")
+        assert_close_to_peak(grad_t, expected_t, ms.float32, f"d/dt {reduction}")
+
+
+def test_builtin_bce_target_gradient_with_pos_weight_is_unstable_in_mindspore_2_9():
+    """Why BCE with pos_weight avoids the built-in route: MindSpore's bprop of BCEWithLogitsLoss
+    returns inf target gradients at large |x| (here on CPU; the bprop expression is the same on
+    every device). If this starts failing, MindSpore fixed it: relax choose_bce_backend."""
+    x = np.array([[-100.0, 16.0, 40.0]], np.float32)
+    t = np.full_like(x, 0.3)
+    pos_weight = np.full(3, 2.0, np.float32)
+    builtin = ms.ops.auto_generate.BCEWithLogitsLoss("sum")
+    _, grad_t = ms.grad(lambda a, b: builtin(a, b, None, ms.Tensor(pos_weight)), (0, 1))(
+        ms.Tensor(x), ms.Tensor(t))
+    _, _, expected_t = torch_bce_with_logits(x, t, None, pos_weight, "sum")
+    assert not np.isfinite(to_numpy(grad_t)).all() and np.isfinite(expected_t).all()
+
+
+def test_bce_empty_input_on_the_ascend_route(ascend):
+    """Zero-size inputs take the composed route: "sum" 0, "mean" NaN (0/0, as in PyTorch)."""
+    x = ms.Tensor(np.zeros((0, 3), np.float32))
+    assert binary_cross_entropy_with_logits(x, x, reduction="sum").asnumpy() == 0
+    assert np.isnan(binary_cross_entropy_with_logits(x, x, reduction="mean").asnumpy())
+    assert binary_cross_entropy_with_logits(x, x, reduction="none").shape == (0, 3)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch_cross_entropy_route_matches_kernel(ascend, reduction):
+    x, t, w = np.zeros((0, 5), np.float32), np.zeros(0, np.int64), np.ones(5, np.float32)
+    options = dict(ALL_OPTIONS, reduction=reduction)
+    with pytest.MonkeyPatch.context() as on_cpu:
+        on_cpu.setattr(backend, "device_target", constant("CPU"))
+        kernel = public_api("pynative", x, t, w, options, ms.float32)
+    result = public_api("pynative", x, t, w, options, ms.float32)
+    for key in ("loss", "log_prob", "zloss", "lse", "grad"):
+        np.testing.assert_array_equal(result[key], kernel[key], err_msg=key)
+
+
+def test_bce_aclnn_custom_route_builds_the_custom(ascend):
+    ascend(backend.ASCEND_ACLNN_CUSTOM)
+    x, t, w, pw = bce_case((3, 4), (4,), None, seed=14)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    with pytest.raises(RuntimeError, match="'aclnnBinaryCrossEntropyWithLogits' is illegal"):
+        bce_api("graph", x, t, w, pw, "mean")
