@@ -1,0 +1,74 @@
+"""MindFormers integration (optional extra: ``pip install ms_xent[mindformers]``).
+
+Importing this package registers the ms_xent losses with MindFormers' ``MindFormerRegister`` as
+LOSS, under aliases that leave MindFormers' own names alone:
+
+==========================  ===============================================
+YAML ``type:``              class
+==========================  ===============================================
+``MsXentCrossEntropyLoss``  :class:`ms_xent.nn.cross_entropy_loss.CrossEntropyLoss`
+``MsXentBCEWithLogitsLoss`` :class:`ms_xent.nn.bce_with_logits_loss.BCEWithLogitsLoss`
+==========================  ===============================================
+
+so that ``mindformers.core.build_loss({"type": "MsXentCrossEntropyLoss", ...})`` and a YAML config
+loaded with ``MindFormerConfig`` build them, while ``{"type": "CrossEntropyLoss"}`` still builds
+MindFormers' class. MindFormers finds a name only after the module registering it was imported:
+import ``ms_xent.mindformers`` before building from a config.
+
+MindFormers writes its logs under ``./output/log`` and its module cache under ``./modules`` unless
+``LOG_MF_PATH`` / ``OM_MODULES_CACHE`` are set. Unless already set, this package points them into
+the ms_xent cache directory (``$MS_XENT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ms_xent``, else
+``~/.cache/ms_xent``) before importing MindFormers; that only takes effect if MindFormers was not
+imported earlier.
+"""
+
+import os
+
+from ms_xent.kernel_build import _cache_root
+
+
+def _set_mindformers_paths():
+    """Default LOG_MF_PATH and OM_MODULES_CACHE outside the working directory."""
+    root = os.path.join(_cache_root(), "mindformers")
+    os.environ.setdefault("LOG_MF_PATH", os.path.join(root, "log"))
+    os.environ.setdefault("OM_MODULES_CACHE", os.path.join(root, "modules"))
+
+
+_set_mindformers_paths()
+
+# pylint: disable=wrong-import-position
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from ms_xent.nn.bce_with_logits_loss import BCEWithLogitsLoss
+from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+
+LOSS_ALIASES = {
+    "MsXentCrossEntropyLoss": CrossEntropyLoss,
+    "MsXentBCEWithLogitsLoss": BCEWithLogitsLoss,
+}
+
+
+def register():
+    """Registers every alias in ``LOSS_ALIASES`` as a MindFormers LOSS (idempotent; runs on import).
+
+    Raises:
+        RuntimeError: an alias is already registered to a class that is not ms_xent's (nothing is
+            replaced then).
+    """
+    registered = MindFormerRegister.registry.get(MindFormerModuleType.LOSS, {})
+    for alias, cls in LOSS_ALIASES.items():
+        current = registered.get(alias)
+        if current is not None and current is not cls:
+            raise RuntimeError(
+                f"ms_xent.mindformers.register: the MindFormers LOSS name {alias!r} is already "
+                f"taken by {current.__module__}.{current.__qualname__}; not replacing it with "
+                f"{cls.__module__}.{cls.__qualname__}")
+    for alias, cls in LOSS_ALIASES.items():
+        MindFormerRegister.register_cls(cls, MindFormerModuleType.LOSS, alias=alias)
+
+
+register()
+
+from ms_xent.mindformers import models, train_step  # registers their model and train-step cell
+
+__all__ = ["LOSS_ALIASES", "register"]

@@ -1,0 +1,303 @@
+"""CrossEntropyLoss Cell: a drop-in for ``mindformers.core.CrossEntropyLoss`` on the fused kernel.
+
+The per-row loss comes from :func:`ms_xent.ops.cross_entropy_rows`, which keeps only the per-row
+log-sum-exp between forward and backward and recomputes the softmax from the logits in the
+backward: with [N, C] logits and class-index labels, no [N, C] tensor besides the logits and their
+gradient is allocated (measured: fwd+bwd peak +1.03x the logits at N=8192, C=32000 float32, GRAPH
+mode). Logits with more leading dims cost one copy more where MindSpore materialises the reshape
+to [N, C] before the kernel (PYNATIVE mode, and GRAPH mode when the logits are a graph input);
+MindFormers' models already pass [N, C] logits.
+
+MindFormers is not imported here; :mod:`ms_xent.mindformers` registers this Cell with MindFormers.
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+import mindspore as ms
+from mindspore import log as logger
+from mindspore import nn, ops
+from mindspore.communication import GlobalComm, get_rank
+from mindspore.ops import constexpr
+
+from ms_xent.ops.cross_entropy import cross_entropy_rows
+from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
+
+API = "CrossEntropyLoss"
+# MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
+DENOMINATOR_GUARD = 1e-8
+
+
+def _parallel_degree(parallel_config, name):
+    """``parallel_config.<name>`` read from an object or a mapping; 1 when absent."""
+    if isinstance(parallel_config, Mapping):
+        value = parallel_config.get(name)
+    else:
+        value = getattr(parallel_config, name, None)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{API}: `parallel_config.{name}` must be a positive int, got {value!r}")
+    return int(value)
+
+
+def parallel_degrees(parallel_config):
+    """(data_parallel, model_parallel) from an OpParallelConfig, TransformerOpParallelConfig,
+    MindFormerConfig, plain dict or None (meaning 1, 1), read by duck typing."""
+    if parallel_config is None:
+        return 1, 1
+    names = ("data_parallel", "model_parallel")
+    if not isinstance(parallel_config, Mapping) and not any(
+            hasattr(parallel_config, name) for name in names):
+        raise TypeError(f"{API}: `parallel_config` must be an OpParallelConfig-like object or a "
+                        f"dict with data_parallel / model_parallel, got "
+                        f"{type(parallel_config).__name__}")
+    return tuple(_parallel_degree(parallel_config, name) for name in names)
+
+
+def _class_weight_tensor(weight):
+    """The class weights as a float32 [C] Tensor (None stays None); rejects negative entries."""
+    if weight is None:
+        return None
+    values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
+        weight, dtype=np.float32)
+    if values.ndim != 1:
+        raise ValueError(f"{API}: `weight` must be 1-D (one entry per class), got shape "
+                         f"{values.shape}")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"{API}: `weight` entries must be finite and non-negative, got min "
+                         f"{values.min()} and max {values.max()}")
+    return ms.Tensor(values)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{API}: `{name}` must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _known(dim):
+    return dim is not None and dim >= 0
+
+
+def _product(dims):
+    """Product of the dims; -1 when one of them is only known at run time."""
+    total = 1
+    for dim in dims:
+        if not _known(dim):
+            return -1
+        total *= dim
+    return total
+
+
+@constexpr
+def _flat_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shape):
+    """Checks the inputs; returns (N, soft) with N = -1 when it is only known at run time."""
+    if logits_dtype not in FLOAT_TYPES:
+        raise TypeError(f"{API}: `logits` must be float16, bfloat16 or float32, got {logits_dtype}")
+    if len(logits_shape) < 2:
+        raise ValueError(f"{API}: `logits` must be [..., C] with at least 2 dims, got shape "
+                         f"{tuple(logits_shape)}")
+    n_rows, n_classes = _product(logits_shape[:-1]), logits_shape[-1]
+    soft = label_dtype in FLOAT_TYPES
+    if soft:
+        if not label_shape or (_known(label_shape[-1]) and _known(n_classes)
+                               and label_shape[-1] != n_classes):
+            raise ValueError(f"{API}: probability `label` must end with the class axis of "
+                             f"`logits` ({n_classes}), got shape {tuple(label_shape)}")
+        label_rows = _product(label_shape[:-1])
+    else:
+        label_rows = _product(label_shape)
+    if _known(n_rows) and _known(label_rows) and label_rows != n_rows:
+        kind = "[N, C] class probabilities" if soft else "[N] class indices"
+        raise ValueError(f"{API}: `label` must hold {kind} for the N = {n_rows} rows of `logits` "
+                         f"{tuple(logits_shape)}, got shape {tuple(label_shape)}")
+    if mask_shape is not None:
+        mask_rows = _product(mask_shape)
+        if _known(n_rows) and _known(mask_rows) and mask_rows != n_rows:
+            raise ValueError(f"{API}: `input_mask` must have one entry per row of `logits` "
+                             f"(N = {n_rows}), got shape {tuple(mask_shape)}")
+    return n_rows, soft
+
+
+@constexpr
+def _process_description():
+    """Where the loss was computed, for error messages (the rank when communication is up)."""
+    if GlobalComm.INITED:
+        return f"rank {get_rank()}"
+    return "this process (communication not initialised, no rank)"
+
+
+class CrossEntropyLoss(nn.Cell):
+    r"""Cross-entropy over the last axis of the logits, masked and averaged as MindFormers does.
+
+    A drop-in for ``mindformers.core.CrossEntropyLoss`` (MindFormers 1.9.0): on the same inputs the
+    default configuration returns the same value, shape ``(1,)`` and dtype float32 (also for
+    float16 / bfloat16 logits, as MindFormers casts to float32), and the same gradient w.r.t. the
+    logits. The loss is computed by the fused kernel, which keeps only the per-row log-sum-exp for
+    the backward.
+
+    Per row n of the flattened logits x [N, C], with counted-row weight
+    :math:`\rho_n = w[y_n] \cdot 1\{y_n \ne \text{ignore\_index}\}` (1 for probability labels):
+
+    .. math::
+        r_n = l_n + s \cdot \rho_n \cdot \mathrm{lse}_n^2, \qquad
+        \text{loss} = \frac{\sum_n \text{mask}_n\, r_n}{\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
+
+    where :math:`l_n` is the (weighted, label-smoothed) cross-entropy of
+    :func:`ms_xent.ops.cross_entropy_loss` with reduction "none" and s is
+    ``lse_square_scale_for_zloss``. Without class weights and ignored labels this is exactly
+    MindFormers' ``sum(l * mask) / (sum(mask) + 1e-8)``; with weights it is PyTorch's weighted mean
+    restricted to the masked-in rows. The z-loss term of a row carries the row's weight, so that
+    loss and z-loss share one denominator (needed for the ``(numerator, denominator)`` output);
+    without weights it is the plain masked mean of :math:`s\,\mathrm{lse}_n^2`.
+
+    Rows whose label equals ``ignore_index`` count for nothing (no loss, no gradient, not in the
+    denominator) even where ``input_mask`` is 1. MindFormers has no ``ignore_index``: it one-hot
+    encodes such a label as all zeros, so the row adds 0 to the numerator, 1 to the denominator
+    and ``softmax / denominator`` to the gradient. MindFormers' models zero ``input_mask`` at
+    those positions, where both agree.
+
+    Args:
+        parallel_config: data_parallel (dp) and model_parallel (mp) degrees: an
+            ``OpParallelConfig``, ``TransformerOpParallelConfig``, ``MindFormerConfig``, a dict or
+            None (dp = mp = 1). Read by duck typing. mp > 1 (logits split over the vocabulary)
+            raises NotImplementedError.
+        check_for_nan_in_loss_and_grad: when True, a non-finite result raises RuntimeError in
+            PYNATIVE and in GRAPH mode (at the step that produced it, also inside
+            ``Model.train``), naming the quantity (loss, or numerator of the per-token loss), its
+            value, the rank (when communication is initialised), and how many rows had a
+            non-finite loss. In GRAPH mode MindSpore then refuses to run that compiled graph
+            again ("An error occurred in the previous step"): training stops, as it does with
+            MindFormers, whose 1.9.0 Cell accepts and ignores this argument and whose trainer
+            raises ValueError from a callback after the step. Checking the loss covers the
+            gradient w.r.t. the logits: it is the softmax times finite per-row factors, finite
+            whenever the loss is.
+        calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``,
+            float32, as MindFormers) instead of their ratio, so that gradient accumulation and
+            pipeline stages can sum before dividing. Needs reduction "mean".
+        seq_split_num: sequence pipeline split number; > 1 also returns
+            ``(numerator, denominator)``, as MindFormers does.
+        weight: optional non-negative class weights [C] (Tensor, numpy array or list).
+        ignore_index: label value whose rows do not count (default -100).
+        label_smoothing: eps in [0, 1); the label mixes with the uniform distribution.
+        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
+        reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
+            per-row values ``mask_n * r_n``, shape [N]).
+        **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+
+    Every argument after ``parallel_config`` is keyword-only: MindFormers' positional order
+    differs between releases (1.3 documents ``check_for_nan_in_loss_and_grad`` second, 1.9.0 has
+    ``calculate_per_token_loss`` second), and its own models pass them by name.
+
+    Inputs:
+        - **logits** [..., C] float16 / bfloat16 / float32, flattened to [N, C].
+        - **label** [...] int32 / int64 class indices (N entries), or float [..., C] class
+          probabilities (N * C entries; "mean" then divides by the masked-in row count).
+        - **input_mask** optional, N entries of any real or bool dtype; 0 means the row does not
+          count. None counts every row. NaN / Inf in the logits of a masked-out row still make
+          the loss NaN, as in MindFormers (the row's loss is multiplied by 0).
+
+    Outputs:
+        float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+        denominator)`` with ``calculate_per_token_loss`` or ``seq_split_num > 1``.
+    """
+
+    def __init__(self, parallel_config=None, *, check_for_nan_in_loss_and_grad=False,
+                 calculate_per_token_loss=False, seq_split_num=1, weight=None, ignore_index=-100,
+                 label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
+                 **kwargs):
+        super().__init__()
+        self.data_parallel, self.model_parallel = parallel_degrees(parallel_config)
+        if self.model_parallel > 1:
+            raise NotImplementedError(
+                f"{API}: parallel_config.model_parallel = {self.model_parallel} is not supported: "
+                f"this Cell computes the softmax over the whole last axis of the logits it "
+                f"receives, so logits split over the vocabulary across {self.model_parallel} "
+                f"devices would give each device a wrong loss. Use model_parallel = 1 for the "
+                f"loss (data_parallel may be any value).")
+        self.check_for_nan_in_loss_and_grad = _check_flag("check_for_nan_in_loss_and_grad",
+                                                          check_for_nan_in_loss_and_grad)
+        self.calculate_per_token_loss = _check_flag("calculate_per_token_loss",
+                                                    calculate_per_token_loss)
+        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, (int, np.integer)) \
+                or seq_split_num < 1:
+            raise ValueError(f"{API}: `seq_split_num` must be a positive int, got "
+                             f"{seq_split_num!r}")
+        self.seq_split_num = int(seq_split_num)
+        check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
+        check_ignore_index(API, ignore_index)
+        self.per_token_output = self.calculate_per_token_loss or self.seq_split_num > 1
+        if self.per_token_output and reduction != "mean":
+            raise ValueError(f"{API}: calculate_per_token_loss=True or seq_split_num > 1 returns "
+                             f"(numerator, denominator) of the mean, which needs reduction "
+                             f"'mean', got {reduction!r}")
+        self.weight = _class_weight_tensor(weight)
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        self.zloss_scale = float(lse_square_scale_for_zloss)
+        self.reduction = reduction
+        self.kwargs = kwargs
+        if kwargs:
+            logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
+        self.guard = ms.Tensor(np.array([DENOMINATOR_GUARD], np.float32))
+
+    def _row_losses(self, logits, label):
+        """Per-row (loss_rows, lse, row_weight), float32 [N] each, for logits [N, C].
+
+        ``row_weight`` is rho_n (w[y_n], 0 for ignored rows, 1 for probability labels). This is
+        the single-device computation over the whole class axis; a vocabulary-parallel version
+        replaces this method and keeps the contract.
+        """
+        return cross_entropy_rows(logits, label, self.weight, self.ignore_index,
+                                  self.label_smoothing, api=API)
+
+    def _add_zloss(self, loss_rows, lse, row_weight):
+        """r_n = l_n + s * rho_n * lse_n^2; rows with rho_n = 0 add exactly 0 (even if NaN)."""
+        counted = row_weight > 0
+        safe_lse = ops.select(counted, lse, ops.zeros_like(lse))
+        return loss_rows + self.zloss_scale * row_weight * safe_lse * safe_lse
+
+    def construct(self, logits, label, input_mask=None):
+        """Returns the loss (see the class docstring for shapes)."""
+        n_rows, soft = _flat_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
+                                    None if input_mask is None else input_mask.shape)
+        n_classes = logits.shape[-1]
+        if len(logits.shape) != 2:
+            logits = logits.reshape((n_rows, n_classes))
+        if len(label.shape) != (2 if soft else 1):
+            label = label.reshape((n_rows, n_classes) if soft else (n_rows,))
+
+        loss_rows, lse, row_weight = self._row_losses(logits, label)
+        if self.zloss_scale > 0:
+            loss_rows = self._add_zloss(loss_rows, lse, row_weight)
+        if input_mask is None:
+            contributions = loss_rows
+            counted = row_weight
+        else:
+            mask = input_mask.reshape((n_rows,)).astype(ms.float32)
+            contributions = loss_rows * mask
+            counted = row_weight * mask
+
+        if self.reduction == "none":
+            result = contributions
+        elif self.reduction == "sum":
+            result = contributions.sum().reshape((1,))
+        else:
+            numerator = contributions.sum()
+            denominator = counted.sum() + self.guard
+            result = numerator if self.per_token_output else numerator / denominator
+
+        # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph
+        # of the Custom kernel ("The prim is not a PrimitivePy").
+        if self.check_for_nan_in_loss_and_grad and not ops.isfinite(result).all():
+            what = "numerator of the per-token loss" if self.per_token_output else "loss"
+            rows = (~ops.isfinite(contributions)).astype(ms.int32).sum()
+            raise RuntimeError(
+                f"{API} (check_for_nan_in_loss_and_grad=True): the {what} is not finite "
+                f"({result}) on {_process_description()}; {rows} of {contributions.shape[0]} "
+                f"rows have a non-finite masked per-row loss (NaN/Inf in their logits or "
+                f"input_mask, or an overflow).")
+        if self.per_token_output:
+            return result, denominator
+        return result
