@@ -1,7 +1,13 @@
-"""ms_xent: fused cross-entropy losses for MindSpore and MindFormers."""
+"""ms_xent: fused cross-entropy losses for MindSpore and MindFormers.
 
-from ms_xent import ops
+- :mod:`ms_xent.ops`: functional ops over the fused kernels (``cross_entropy_loss``, ...).
+- :mod:`ms_xent.nn`: loss Cells (``CrossEntropyLoss``, ``BCEWithLogitsLoss``, ...).
+- :mod:`ms_xent.mindformers`: registration with MindFormers (optional dependency).
+"""
+
+from ms_xent import nn, ops
+from ms_xent.nn import BCEWithLogitsLoss, CrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "nn", "ops", "__version__"]
