@@ -200,7 +200,7 @@ def _quiet_mindformers_console():
             handler.setLevel(logging.ERROR)
 
 
-def train(config_path, route="model", steps=40, output_dir=".", quiet=True):
+def train(config_path, output_dir, route="model", steps=40, quiet=True):
     """Trains ``config_path`` for ``steps`` steps on :func:`pattern_dataset` via ``route``.
 
     Writes ``rank_<r>/metrics.json`` and ``rank_<r>/final.ckpt`` under ``output_dir`` and returns
