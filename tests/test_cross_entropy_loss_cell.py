@@ -336,12 +336,6 @@ def test_parallel_config_is_read_by_duck_typing(config, expected):
     assert (cell.data_parallel, cell.model_parallel) == expected
 
 
-def test_model_parallel_above_one_is_refused_precisely():
-    with pytest.raises(NotImplementedError,
-                       match="model_parallel = 2 is not supported.*split over the vocabulary"):
-        CrossEntropyLoss(parallel_config=OpParallelConfig(data_parallel=1, model_parallel=2))
-
-
 def test_unknown_keyword_arguments_are_kept_and_ignored():
     cell = CrossEntropyLoss(monitor_local_loss=True)
     assert cell.kwargs == {"monitor_local_loss": True}

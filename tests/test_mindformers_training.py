@@ -164,6 +164,24 @@ def test_ascend_config_loss_section_builds_ms_xent_loss_on_its_layout():
     assert config.model.arch.type == "MsXentLlamaForCausalLM"
 
 
+@pytest.mark.parametrize("parallel_mode, expected_mp", [
+    ("data_parallel", 1), ("semi_auto_parallel", 2)])
+def test_loss_sees_vocabulary_shards_only_where_lm_head_makes_them(parallel_mode, expected_mp):
+    """Under DATA_PARALLEL every rank holds whole logits even with model_parallel 2 in the config:
+    the loss must not read them as vocabulary shards. Under semi-auto (Ascend) it does."""
+    config = MindFormerConfig(str(ASCEND_CONFIG))
+    config.parallel_config.vocab_emb_dp = False
+    build_parallel_config(config)
+    model_config = LlamaConfig(**{key: value for key, value in config.model.model_config.items()
+                                  if key != "type"}, parallel_config=config.parallel_config)
+    ms.set_auto_parallel_context(parallel_mode=parallel_mode)
+    try:
+        loss = build_model_loss(model_config)
+    finally:
+        ms.reset_auto_parallel_context()
+    assert (loss.data_parallel, loss.model_parallel) == (4, expected_mp)
+
+
 @pytest.mark.parametrize("loss_config, match", [
     ("MsXentCrossEntropyLoss", "must be a mapping with a 'type' key"),
     ({"label_smoothing": 0.1}, "must be a mapping with a 'type' key"),

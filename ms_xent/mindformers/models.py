@@ -21,10 +21,13 @@ config (as MindFormers does for its own loss), so the loss and the training wrap
 
 import copy
 
+import mindspore as ms
+from mindspore.common import dtype as mstype
+from mindspore.context import ParallelMode
+
 from mindformers.core.loss import build_loss
 from mindformers.models.llama import LlamaForCausalLM
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-from mindspore.common import dtype as mstype
 
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 
@@ -35,12 +38,17 @@ def loss_parallel_config(model_config):
     """The layout of the logits the Llama loss receives.
 
     Rows are split over data_parallel * context_parallel. The vocabulary is split over
-    model_parallel only where ``lm_head`` splits it: not with ``vocab_emb_dp`` and not when the
+    model_parallel only where ``lm_head`` splits it: only under semi-auto / auto parallel (shard
+    strategies exist nowhere else: under DATA_PARALLEL every rank holds whole logits, which the
+    loss must not read as vocabulary shards), not with ``vocab_emb_dp`` and not when the
     vocabulary does not divide by model_parallel (MindFormers' own loss keeps model_parallel in
-    the first case; the logits are whole there either way).
+    those cases; the logits are whole there either way).
     """
     parallel_config = copy.deepcopy(model_config.parallel_config)
-    if parallel_config.vocab_emb_dp or model_config.vocab_size % parallel_config.model_parallel:
+    sharded = ms.get_auto_parallel_context("parallel_mode") in (
+        ParallelMode.SEMI_AUTO_PARALLEL, ParallelMode.AUTO_PARALLEL)
+    if (not sharded or parallel_config.vocab_emb_dp
+            or model_config.vocab_size % parallel_config.model_parallel):
         parallel_config.model_parallel = 1
     parallel_config.data_parallel *= parallel_config.context_parallel
     return parallel_config

@@ -17,10 +17,13 @@ import numpy as np
 import mindspore as ms
 from mindspore import log as logger
 from mindspore import nn, ops
-from mindspore.communication import GlobalComm, get_rank
+from mindspore.communication import GlobalComm, get_group_size, get_rank
+from mindspore.context import ParallelMode
 from mindspore.ops import constexpr
+from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.ops.cross_entropy import cross_entropy_rows
+from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
 
 API = "CrossEntropyLoss"
@@ -161,8 +164,8 @@ class CrossEntropyLoss(nn.Cell):
     Args:
         parallel_config: data_parallel (dp) and model_parallel (mp) degrees: an
             ``OpParallelConfig``, ``TransformerOpParallelConfig``, ``MindFormerConfig``, a dict or
-            None (dp = mp = 1). Read by duck typing. mp > 1 (logits split over the vocabulary)
-            raises NotImplementedError.
+            None (dp = mp = 1). Read by duck typing. How logits split over the vocabulary
+            (mp > 1) are handled is described under "Parallel paths" below.
         check_for_nan_in_loss_and_grad: when True, a non-finite result raises RuntimeError in
             PYNATIVE and in GRAPH mode (at the step that produced it, also inside
             ``Model.train``), naming the quantity (loss, or numerator of the per-token loss), its
@@ -184,7 +187,23 @@ class CrossEntropyLoss(nn.Cell):
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
         reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
             per-row values ``mask_n * r_n``, shape [N]).
+        group: communication group of the model-parallel ranks (mp > 1 with explicit
+            collectives); default the world group, which must then have mp ranks.
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+
+    Parallel paths (mp > 1), chosen at construction:
+
+    - SEMI_AUTO_PARALLEL / AUTO_PARALLEL (Ascend / GPU; refused on CPU): as MindFormers' loss,
+      two ``Add`` of 0 with shard strategies ((dp, mp), ()) for the logits and ((dp,), ()) for
+      the labels ((dp, mp) for probability labels) force that layout at the entry; the framework
+      redistributes from there. Not run here (MindSpore refuses these modes on CPU).
+    - communication initialised, any other parallel mode (explicit tensor parallelism, e.g. msrun
+      on CPU): each rank passes its slice logits[:, r C/mp : (r+1) C/mp] (and of probability
+      labels), r its rank in ``group``; the rows come from
+      :func:`ms_xent.ops.vocab_parallel_cross_entropy_rows` and equal the single-device ones,
+      and so does each rank's slice of the gradient. ``weight`` is the whole vocabulary's [C].
+      MindFormers' models outside semi-auto parallel produce whole logits: give them mp = 1.
+    - no communication: the logits cannot be split; mp is ignored (single-device path).
 
     Every argument after ``parallel_config`` is keyword-only: MindFormers' positional order
     differs between releases (1.3 documents ``check_for_nan_in_loss_and_grad`` second, 1.9.0 has
@@ -206,16 +225,9 @@ class CrossEntropyLoss(nn.Cell):
     def __init__(self, parallel_config=None, *, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, weight=None, ignore_index=-100,
                  label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
-                 **kwargs):
+                 group=None, **kwargs):
         super().__init__()
         self.data_parallel, self.model_parallel = parallel_degrees(parallel_config)
-        if self.model_parallel > 1:
-            raise NotImplementedError(
-                f"{API}: parallel_config.model_parallel = {self.model_parallel} is not supported: "
-                f"this Cell computes the softmax over the whole last axis of the logits it "
-                f"receives, so logits split over the vocabulary across {self.model_parallel} "
-                f"devices would give each device a wrong loss. Use model_parallel = 1 for the "
-                f"loss (data_parallel may be any value).")
         self.check_for_nan_in_loss_and_grad = _check_flag("check_for_nan_in_loss_and_grad",
                                                           check_for_nan_in_loss_and_grad)
         self.calculate_per_token_loss = _check_flag("calculate_per_token_loss",
@@ -241,16 +253,70 @@ class CrossEntropyLoss(nn.Cell):
         if kwargs:
             logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
         self.guard = ms.Tensor(np.array([DENOMINATOR_GUARD], np.float32))
+        self._setup_parallel(group)
+
+    # ---- parallel paths (model_parallel > 1; see "Parallel paths" in the class docstring) ----
+
+    def _setup_parallel(self, group):
+        """Picks the path for mp > 1: shard strategies, explicit collectives or none."""
+        self.force_layout = _get_parallel_mode() in (ParallelMode.SEMI_AUTO_PARALLEL,
+                                                     ParallelMode.AUTO_PARALLEL)
+        self.vocab_parallel = (self.model_parallel > 1 and GlobalComm.INITED
+                               and not self.force_layout)
+        if self.force_layout:
+            dp, mp = self.data_parallel, self.model_parallel
+            self.add_logits = ops.Add().shard(((dp, mp), ())).add_prim_attr("keep_alive", True)
+            self.add_label = ops.Add().shard(((dp,), ())).add_prim_attr("keep_alive", True)
+            self.add_soft_label = ops.Add().shard(((dp, mp), ())).add_prim_attr("keep_alive",
+                                                                               True)
+        if not self.vocab_parallel:
+            if group is not None:
+                raise ValueError(f"{API}: `group` ({group!r}) applies only to model_parallel > 1 "
+                                 f"with communication initialised outside semi-auto/auto "
+                                 f"parallel; here model_parallel = {self.model_parallel}")
+            return
+        if group is None:
+            group = GlobalComm.WORLD_COMM_GROUP
+            if get_group_size(group) != self.model_parallel:
+                raise ValueError(
+                    f"{API}: parallel_config.model_parallel = {self.model_parallel} but the world "
+                    f"group has {get_group_size(group)} ranks; pass the model-parallel "
+                    f"communication group as `group`")
+        elif get_group_size(group) != self.model_parallel:
+            raise ValueError(f"{API}: `group` {group!r} has {get_group_size(group)} ranks, "
+                             f"parallel_config.model_parallel is {self.model_parallel}")
+        self.vocab_group = group
+        self.vocab_start = None
+        self.num_classes = None
+        self.weight_shard = None
+        if self.weight is not None:
+            n_classes = self.weight.shape[0]
+            if n_classes % self.model_parallel:
+                raise ValueError(f"{API}: `weight` has {n_classes} classes, which do not split "
+                                 f"evenly over model_parallel = {self.model_parallel} ranks")
+            shard_classes = n_classes // self.model_parallel
+            self.vocab_start = get_rank(group) * shard_classes
+            self.num_classes = n_classes
+            self.weight_shard = self.weight[self.vocab_start:self.vocab_start + shard_classes]
 
     def _row_losses(self, logits, label):
-        """Per-row (loss_rows, lse, row_weight), float32 [N] each, for logits [N, C].
+        """Per-row (loss_rows, lse, row_weight), float32 [N] each, for logits [N, C] (or this
+        rank's vocabulary slice [N, C/mp] on the vocabulary-parallel path).
 
-        ``row_weight`` is rho_n (w[y_n], 0 for ignored rows, 1 for probability labels). This is
-        the single-device computation over the whole class axis; a vocabulary-parallel version
-        replaces this method and keeps the contract.
+        ``row_weight`` is rho_n (w[y_n], 0 for ignored rows, 1 for probability labels).
         """
+        if self.force_layout:
+            logits = self.add_logits(logits, 0)
+            label = self.add_soft_label(label, 0) if len(label.shape) == 2 else self.add_label(
+                label, 0)
+        if self.vocab_parallel:
+            return vocab_parallel_cross_entropy_rows(
+                logits, label, self.weight_shard, self.ignore_index, self.label_smoothing,
+                self.vocab_group, self.vocab_start, self.num_classes)
         return cross_entropy_rows(logits, label, self.weight, self.ignore_index,
                                   self.label_smoothing, api=API)
+
+    # ---- end of parallel paths ------------------------------------------------------------------
 
     def _add_zloss(self, loss_rows, lse, row_weight):
         """r_n = l_n + s * rho_n * lse_n^2; rows with rho_n = 0 add exactly 0 (even if NaN)."""

@@ -1,0 +1,117 @@
+"""Functional API of the vocabulary-parallel cross-entropy (logits split over the classes).
+
+:func:`vocab_parallel_cross_entropy_rows` is :func:`ms_xent.ops.cross_entropy_rows` for logits
+whose class axis is split over the ranks of a communication group (tensor / model parallelism,
+as the output of a column-parallel lm_head): every rank passes its slice of the logits and the
+same targets, and gets the per-row values of the whole vocabulary; the gradient each rank gets
+is its slice of the single-device gradient. The math is in :mod:`ms_xent.ops.vocab_parallel_op`.
+"""
+
+import functools
+
+from mindspore.communication import GlobalComm, get_group_size, get_rank
+from mindspore.ops import constexpr
+
+from ms_xent.ops import backend
+from ms_xent.ops.cross_entropy import _class_weight
+from ms_xent.ops.validation import (check_ignore_index, check_logits_and_target,
+                                    check_option_values, check_target_values, executing_eagerly)
+from ms_xent.ops.vocab_parallel_op import VocabParallelRows
+
+API = "vocab_parallel_cross_entropy_rows"
+
+
+@constexpr
+def _shard_layout(group, shard_classes, vocab_start, num_classes):
+    """(group, world_size, vocab_start, num_classes) with the defaults filled in and checked.
+
+    The default group is the world group when communication is initialised, else a single
+    process (world_size 1, no collective). The default slice of rank r is [r C_r, (r+1) C_r)
+    and the default vocabulary size R C_r (equal slices).
+    """
+    if group is None and not GlobalComm.INITED:
+        world_size, rank = 1, 0
+    else:
+        if not GlobalComm.INITED:
+            raise RuntimeError(f"{API}: `group` {group!r} was given but mindspore.communication "
+                               f"is not initialised (call mindspore.communication.init() first)")
+        group = GlobalComm.WORLD_COMM_GROUP if group is None else group
+        world_size, rank = get_group_size(group), get_rank(group)
+    if vocab_start is None:
+        vocab_start = rank * shard_classes
+    if num_classes is None:
+        num_classes = world_size * shard_classes
+    for name, value in (("vocab_start", vocab_start), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{API}: `{name}` must be an int, got {value!r}")
+    if vocab_start < 0 or vocab_start + shard_classes > num_classes:
+        raise ValueError(f"{API}: the logits slice [vocab_start, vocab_start + C_r) = "
+                         f"[{vocab_start}, {vocab_start + shard_classes}) must lie inside "
+                         f"[0, num_classes = {num_classes})")
+    return group, world_size, vocab_start, num_classes
+
+
+@functools.lru_cache(maxsize=None)
+def _vocab_parallel_cell(*args):
+    """One :class:`VocabParallelRows` per configuration (created at compile time in GRAPH mode).
+
+    A plain dict cache would be parsed into the graph, and MindSpore cannot make a graph
+    constant of a dict holding Cells; the lru_cache wrapper is called as Python instead.
+    """
+    return VocabParallelRows(*args)
+
+
+def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=-100,
+                                      label_smoothing=0.0, group=None, vocab_start=None,
+                                      num_classes=None):
+    """Per-row cross-entropy of logits split over the vocabulary across the ranks of ``group``.
+
+    Args:
+        logits: [N, C_r] float16/bfloat16/float32, this rank's classes
+            [vocab_start, vocab_start + C_r) of the whole vocabulary of C classes.
+        target: [N] int32/int64 class indices of the whole vocabulary (the same on every rank),
+            or [N, C_r] float class probabilities for this rank's classes.
+        weight: optional [C_r] non-negative class weights of this rank's classes.
+        ignore_index, label_smoothing: as in :func:`ms_xent.ops.cross_entropy_rows` (the
+            smoothing spreads eps over all C classes).
+        group: communication group of the ranks sharing these rows (the model-parallel group);
+            default the world group, or a single process when communication is not initialised.
+            On CPU MindSpore's collectives accept only the world group.
+        vocab_start: first class of this rank's slice; default rank * C_r.
+        num_classes: C; default world_size * C_r.
+
+    Returns:
+        (loss_rows, lse, row_weight), float32 [N] each and the same on every rank: the values of
+        :func:`ms_xent.ops.cross_entropy_rows` on the whole logits. Differentiable w.r.t.
+        ``logits`` through ``loss_rows`` and ``lse``: each rank gets its slice of the
+        single-device gradient, provided every rank of the group computes the same loss from
+        these outputs (as tensor-parallel training does). z-loss, masks and reductions are
+        applied on the rows by the caller.
+
+    Costs: one AllGather of N floats and one AllReduce of 3N (5N with label smoothing) floats
+    per forward, no collective in the backward. Without label smoothing nothing of size
+    [N, C_r] is allocated besides the gradient (one backward-kernel call, which recomputes the
+    softmax from the logits). With label smoothing the forward adds x_r @ w_r (on a float32
+    copy of the slice for half dtypes) and the backward one [N, C_r] float32 temporary. A target outside [0, C) that is not
+    ``ignore_index`` raises ValueError in PyNative; in a graph the row's loss is NaN.
+    Runs on CPU (the fused aot kernels); other devices raise NotImplementedError.
+    """
+    if not backend.uses_cpu_kernels():
+        raise NotImplementedError(
+            f"{API}: the explicit-collective path runs the CPU kernels only (device target "
+            f"{backend.device_target()}); on Ascend use SEMI_AUTO_PARALLEL, where the "
+            f"CrossEntropyLoss Cell sets MindFormers' shard strategies")
+    check_option_values(API, "mean", label_smoothing, 0.0)
+    soft = check_logits_and_target(API, logits.shape, logits.dtype, target.shape, target.dtype)
+    check_ignore_index(API, ignore_index)
+    group, world_size, vocab_start, num_classes = _shard_layout(group, logits.shape[1],
+                                                                vocab_start, num_classes)
+    if not soft and executing_eagerly():
+        check_target_values(API, target, num_classes, ignore_index)
+    weight_f32, weighted = _class_weight(API, weight, logits.shape[1])
+    rows = _vocab_parallel_cell(ignore_index, float(label_smoothing), weighted, soft, num_classes,
+                                vocab_start, group, world_size)
+    if soft:
+        target = target.astype(logits.dtype)
+    outputs = rows(logits, target, weight_f32)
+    return outputs[0], outputs[1], outputs[2]

@@ -1,0 +1,188 @@
+r"""Op layer of the vocabulary-parallel cross-entropy: one Cell with an explicit bprop.
+
+Each of R ranks of a communication group holds the logits of a contiguous slice of the
+vocabulary, x_r = x[:, v_r : v_r + C_r] (v_r = ``vocab_start``), the same rows and the same
+targets. :class:`VocabParallelRows` returns the per-row values of the single-device
+:func:`ms_xent.ops.cross_entropy_rows` over the whole vocabulary C, and its bprop returns each
+rank's slice of the single-device gradient. It reuses the fused kernels unchanged: the forward
+kernel runs on the local slice with label smoothing 0, and the backward kernel gets the *global*
+lse as its ``shift``, so that it recomputes the global softmax directly.
+
+Notation (per row n; y = target, m = 1{y != ignore_index}, w the class weights, W = sum_c w[c],
+eps the label smoothing, o_r = 1{y is in rank r's slice} * m):
+
+Forward on rank r (local slice quantities, then two collectives, then replicated arithmetic):
+    kernel on x_r, local target (y - v_r if o_r else "ignored"), weights w_r:
+        lse_r, loss_r = o_r w[y] (lse_r - x[y]), rho_r = o_r w[y]              (class targets)
+        lse_r, loss_r = sum_{c in r} w[c] t[c] (lse_r - x[c]), M_r = sum_{c in r} w[c] t[c]
+                                                                                 (probabilities)
+    lse   = log sum_r exp(lse_r)              from an AllGather of lse_r (no AllReduce(MAX))
+    T     = sum_r [loss_r + rho_r (lse - lse_r)]   = w[y] (lse - x[y])   (or sum_c w t (lse - x))
+    S     = sum_r x_r @ w_r                        = sum_c w[c] x[c]     (only when eps > 0)
+    l_n   = (1-eps) T + (eps/C) m (W lse - S)
+    Both summands of T are non-negative: no cancellation. T, rho, S and W travel in one
+    AllReduce(SUM).
+
+Backward on rank r, with upstream a_n = dL/dl_n and b_n = dL/dlse_n (the same on every rank,
+since every rank computes the same loss from these outputs), P = softmax over the whole
+vocabulary = exp(x_r - lse):
+    dl_n/dx_r = (1-eps) w[y] (P - 1{c=y}) + (eps/C) (W P - w_r[c])               (class targets)
+    dl_n/dx_r = (1-eps) (M P - w_r t_r) + (eps/C) (W P - w_r[c]),  M = sum_c w t   (probabilities)
+    dlse/dx_r = P
+The backward kernel (label smoothing 0, shift = lse, local target) computes
+P (a' w_r[y] + b') - a' w[y] 1{c=y} on the rank that owns y and P b' elsewhere
+(probabilities: P (a' M_r + b') - a' w_r t_r), so it is called with
+    a' = (1-eps) m a,   b' = a c_r + b,
+    c_r = m ((1-eps) w[y] (1 - o_r) + (eps/C) W)                                 (class targets)
+    c_r = (1-eps) (M - M_r) + (eps/C) W                                          (probabilities)
+where c_r is the part of the lse coefficient that the kernel does not add itself. It is a sum of
+non-negative terms, so the gradient has the single-device kernel's rounding. The smoothing term
+-(eps/C) m a w_r[c] is a rank-1 product added outside the kernel (only when eps > 0).
+
+No gradient flows through the collectives: the bprop is explicit, so AllReduce's own backward
+(an AllReduce(SUM) of the upstream gradient, which would multiply by R the gradient of a loss
+that every rank computes) never runs.
+
+The lse_r are combined in float64 and rounded once: every softmax value exp(x - lse) of the
+backward inherits the absolute error of lse as a relative error, so lse must not lose more than
+the single-device kernel's rounding (~ulp(lse), about 1e-6 for lse in [8, 16)).
+
+Outputs: (loss_rows, lse, row_weight) float32 [N], the same on every rank, then what the bprop
+needs: lse_coefficient (c_r above), counted (m, or 1 for probabilities) and the local target.
+"""
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from ms_xent.ops.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
+
+F32 = ms.float32
+# Local target of the rows whose class another rank owns: never a valid local index.
+NOT_OWNED = -1
+
+
+class VocabParallelRows(nn.Cell):
+    """Per-row cross-entropy of vocabulary-sharded logits; see the module docstring.
+
+    Args:
+        ignore_index, label_smoothing: as in :func:`ms_xent.ops.cross_entropy_rows`.
+        weighted: whether the kernels read the ``weight`` input; without class weights it must
+            hold ones (it still gives W and sum_c w[c] x[c]).
+        soft: probability targets (the target input is the local [N, C_r] slice).
+        num_classes: C, the size of the whole vocabulary.
+        vocab_start: v_r, the first class of this rank's slice.
+        group, world_size: the communication group of the R ranks sharing the rows; with
+            world_size 1 no collective is created.
+
+    Inputs: logits [N, C_r], target [N] (global class indices) or [N, C_r], weight [C_r] float32.
+    """
+
+    def __init__(self, ignore_index, label_smoothing, weighted, soft, num_classes, vocab_start,
+                 group, world_size):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.soft = soft
+        self.num_classes = num_classes
+        self.vocab_start = vocab_start
+        self.world_size = world_size
+        self.smooth = label_smoothing / num_classes
+        self.forward = CrossEntropyForward(NOT_OWNED, 0.0, weighted, soft)
+        self.backward = CrossEntropyBackward(NOT_OWNED, 0.0, weighted, soft)
+        self.matmul = ops.MatMul()
+        self.cast = ops.Cast()
+        self.reshape = ops.Reshape()
+        self.zeros_like = ops.ZerosLike()
+        if world_size > 1:
+            self.all_gather = ops.AllGather(group)
+            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group)
+
+    def _local_target(self, target, shard_classes):
+        """(local target, o_r as bool): y - v_r where this rank owns y, NOT_OWNED elsewhere."""
+        local = target - self.vocab_start
+        owned = (local >= 0) & (local < shard_classes) & (target != self.ignore_index)
+        return ops.select(owned, local, ops.full_like(local, NOT_OWNED)), owned
+
+    def _global_lse(self, lse_r):
+        """log sum_r exp(lse_r) from an AllGather; the max is taken locally over the gathered rows.
+
+        Combined in float64 and rounded once, so that lse (which sets the relative accuracy of
+        every softmax value exp(x - lse) of the backward) is within the rounding of the
+        single-device kernel's.
+        """
+        if self.world_size == 1:
+            return lse_r
+        gathered = self.cast(self.all_gather(lse_r).reshape((self.world_size, -1)), ms.float64)
+        top = gathered.max(axis=0)
+        # A row that is -inf on every rank stays -inf (like the kernel), NaN and +inf propagate.
+        top = ops.select(ops.isfinite(top), top, ops.full_like(top, 0.0))
+        return self.cast(top + ops.log(ops.exp(gathered - top).sum(axis=0)), F32)
+
+    def _sum_over_ranks(self, parts):
+        """Elementwise sums over the group of equally shaped [N] tensors, in one AllReduce."""
+        if self.world_size == 1:
+            return parts
+        return ops.unstack(self.all_reduce(ops.stack(parts)))
+
+    def _dot_weight(self, matrix, weight):
+        """matrix @ weight in float32 (sum_c matrix[n, c] w[c]), [N]."""
+        return self.matmul(self.cast(matrix, F32), self.reshape(weight, (-1, 1))).reshape((-1,))
+
+    def construct(self, logits, target, weight):
+        """(loss_rows, lse, row_weight) and, for the bprop, (lse_coefficient, counted, local
+        target); see the module docstring."""
+        shard_classes = logits.shape[1]
+        if self.soft:
+            local_target = target
+            loss_r, lse_r = self.forward(logits, target, weight)
+            mass_r = self._dot_weight(target, weight)
+            owns = mass_r != 0
+            counted = ops.ones_like(lse_r)
+        else:
+            local_target, owns = self._local_target(target, shard_classes)
+            loss_r, lse_r, mass_r = self.forward(logits, local_target, weight)
+            counted = (target != self.ignore_index).astype(F32)
+        lse = self._global_lse(lse_r)
+        # loss_r + rho_r (lse - lse_r) on the owning rank only: elsewhere lse_r may be -inf.
+        target_r = ops.select(owns, loss_r + mass_r * (lse - lse_r), ops.full_like(lse, 0.0))
+        parts = [target_r, mass_r, owns.astype(F32)]
+        if self.label_smoothing > 0:
+            parts += [self._dot_weight(logits, weight), weight.sum() * ops.ones_like(lse)]
+        summed = self._sum_over_ranks(parts)
+        target_term, mass, owners = summed[0], summed[1], summed[2]
+
+        loss_rows = (1.0 - self.label_smoothing) * target_term
+        lse_coefficient = (1.0 - self.label_smoothing) * (mass - mass_r)
+        if self.label_smoothing > 0:
+            weighted_logits, total_weight = summed[3], summed[4]
+            loss_rows = loss_rows + self.smooth * counted * (total_weight * lse - weighted_logits)
+            lse_coefficient = lse_coefficient + self.smooth * total_weight
+        lse_coefficient = counted * lse_coefficient
+        if self.soft:
+            row_weight = counted
+        else:
+            row_weight = mass
+            # A counted row that no rank owns has a target outside [0, C): NaN, never silence.
+            unowned = (counted > 0) & (owners == 0)
+            loss_rows = ops.select(unowned, ops.full_like(loss_rows, float("nan")), loss_rows)
+        return loss_rows, lse, row_weight, lse_coefficient, counted, local_target
+
+    def bprop(self, logits, target, weight, out, dout):
+        """Each rank's slice of the single-device gradient, from one backward-kernel call.
+
+        Uses only primitive instances and arithmetic: in GRAPH mode MindSpore 2.9 fails to
+        compile a Cell whose construct and bprop both call the same composite function
+        (ops.zeros_like, ops.full_like: "The pointer[input] is null", "The func graph is empty").
+        """
+        lse, lse_coefficient, counted, local_target = out[1], out[3], out[4], out[5]
+        grad_loss, grad_lse = dout[0], dout[1]
+        counted_grad = grad_loss * counted
+        row_grad = (1.0 - self.label_smoothing) * counted_grad
+        row_grad_lse = grad_loss * lse_coefficient + grad_lse
+        grad = self.backward(logits, local_target, weight, lse, row_grad, row_grad_lse)
+        if self.label_smoothing > 0:
+            # -(eps/C) m a w_r[c]: a rank-1 product, one extra [N, C_r] tensor.
+            smoothing = self.matmul(self.reshape(self.smooth * counted_grad, (-1, 1)),
+                                    self.reshape(weight, (1, -1)))
+            grad = self.cast(self.cast(grad, F32) - smoothing, logits.dtype)
+        return grad, self.zeros_like(target), self.zeros_like(weight)
