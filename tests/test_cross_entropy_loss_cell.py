@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import mindspore as ms
+from mindspore.common.api import _pynative_executor
 
 from mindformers import MindFormerConfig
 from mindformers.core import CrossEntropyLoss as MindFormersCrossEntropyLoss
@@ -289,6 +290,9 @@ def test_nan_check_names_the_per_token_numerator_under_autodiff():
     cell = CrossEntropyLoss(check_for_nan_in_loss_and_grad=True, calculate_per_token_loss=True)
     with pytest.raises(RuntimeError, match=r"the numerator of the per-token loss is not finite"):
         loss_and_grad(cell, ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))[1].asnumpy()
+    # The raise interrupted PyNative's gradient recording; a training job stops here, but this
+    # process goes on to compile other graphs, which the half-recorded state would break.
+    _pynative_executor.clear_res()
 
 
 def test_nan_check_passes_finite_loss_through(mode):
