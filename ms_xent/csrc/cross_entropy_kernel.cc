@@ -41,6 +41,7 @@
 #include "aot_abi.h"
 #include "vec_math.h"
 #include "dtype_dispatch.h"
+#include "row_kernels.h"
 
 namespace ms_xent {
 namespace {
@@ -112,8 +113,7 @@ RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target
         block_mass += v;
       }
     } else {
-#pragma omp simd reduction(+ : block_exp)
-      for (int64_t c = begin; c < end; ++c) block_exp += FastExp(ToFloat(row[c]) - shift);
+      block_exp = SumExp(row, begin, end, shift);
     }
     sum_exp += block_exp;
     dot += block_dot;
@@ -212,11 +212,7 @@ int HardBackward(const CrossEntropyAttrs &attrs, int64_t N, int64_t C, const T *
     const float w_y = counted ? (kWeighted ? weight[y] : 1.0f) : 0.0f;
     const float k = a * ((1.0f - eps) * w_y + smooth * total_weight) + b;
     const float l = a * smooth;
-    for (int64_t c = 0; c < C; ++c) {
-      const float p = FastExp(ToFloat(row[c]) - shift);
-      const float w_c = kWeighted ? weight[c] : 1.0f;
-      out[c] = FromFloat<T>(p * k - l * w_c);
-    }
+    WriteGradRow(row, C, shift, k, l, kWeighted ? weight : nullptr, out);
     if (counted) {
       // The true-class term, recomputed in float32 so that p[y] - 1 does not lose its digits to
       // the rounding of out[y] in a half type.
