@@ -111,12 +111,6 @@ def reg_info_names(reg_info):
             + [entry["name"] for entry in reg_info["outputs"]])
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 @pytest.mark.parametrize("symbol", sorted(PROTOTYPES))
 def test_reg_info_matches_prototype(symbol):
     reg_info = ascend_op.ascend_reg_info(SPECS[symbol])

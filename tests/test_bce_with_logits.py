@@ -29,12 +29,6 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 def pairwise(**factors):
     """Rows covering every pair of values of any two factors (greedy, deterministic): far fewer
     cases than the full product, and every interaction of two settings is still tested."""

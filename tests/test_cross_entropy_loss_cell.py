@@ -18,22 +18,9 @@ from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from tests.reference import (assert_close, assert_close_to_peak, rounded, to_ms, to_numpy,
                              torch_masked_cross_entropy)
 
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 # ms_xent vs MindFormers on the same float32 inputs: both accumulate in float32.
 PARITY_LOSS_RTOL = 1e-6
 PARITY_GRAD_ATOL_TO_PEAK = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@pytest.fixture(params=tuple(MODES), name="mode")
-def mode_fixture(request):
-    ms.set_context(mode=MODES[request.param])
-    return request.param
 
 
 def make_batch(n_rows, n_classes, seed, mask_fraction=0.3, ignore_masked=False, soft=False):

@@ -80,12 +80,6 @@ def run_op(mode, x, target, weight, options, dtype):
     return result
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 def check_against_numpy(result, x, target, weight, options, dtype):
     ref = numpy_cross_entropy(rounded(x, dtype), target, weight, options.get("reduction", "mean"),
                               options.get("ignore_index", IGNORE_INDEX),

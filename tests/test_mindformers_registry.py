@@ -27,12 +27,6 @@ from tests.reference import assert_close, torch_masked_cross_entropy
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 def test_aliases_build_the_ms_xent_classes():
     built = build_loss({"type": "MsXentCrossEntropyLoss", "label_smoothing": 0.1,
                         "parallel_config": {"data_parallel": 2, "model_parallel": 1}})

@@ -37,7 +37,6 @@ ASCEND_CONFIG = REPO_ROOT / "configs" / "llama2_7b_ms_xent_ascend.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
 MSRUN_SCRIPT = REPO_ROOT / "scripts" / "msrun_train.py"
 
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 TINY_LLAMA = dict(batch_size=4, seq_length=16, vocab_size=64, hidden_size=32, num_layers=1,
                   num_heads=2, intermediate_size=64, compute_dtype="float32",
                   layernorm_compute_type="float32", softmax_compute_type="float32",
@@ -49,18 +48,6 @@ JOB_STEPS = 8
 # in different orders; over a few Adam steps their results stay this close.
 TRAINING_PARITY_ATOL = 1e-5
 SUBPROCESS_TIMEOUT_S = 600
-
-
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@pytest.fixture(params=tuple(MODES), name="mode")
-def mode_fixture(request):
-    ms.set_context(mode=MODES[request.param])
-    return request.param
 
 
 def tiny_llama(loss=None, seed=0, cls=MsXentLlamaForCausalLM):

@@ -36,12 +36,6 @@ MSRUN_TIMEOUT_S = 900
 PARITY_RTOL = {"float32": 1e-6, "bfloat16": TOLERANCE[ms.bfloat16][0]}
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 def relative_error(actual, expected):
     """max |actual - expected| / max |expected| (0 when both are all zeros)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
