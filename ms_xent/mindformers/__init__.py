@@ -69,6 +69,6 @@ def register():
 
 register()
 
-from ms_xent.mindformers import models, train_step  # registers their model and train-step cell
+from ms_xent.mindformers import models, train_step  # noqa: E402,F401  (imported to register them)
 
 __all__ = ["LOSS_ALIASES", "register"]
