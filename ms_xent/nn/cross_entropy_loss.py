@@ -22,7 +22,7 @@ from mindspore.context import ParallelMode
 from mindspore.ops import constexpr
 from mindspore.parallel._utils import _get_parallel_mode
 
-from ms_xent.ops.cross_entropy import cross_entropy_rows
+from ms_xent.ops.cross_entropy import cross_entropy_rows, sum_rows
 from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
 
@@ -348,10 +348,11 @@ class CrossEntropyLoss(nn.Cell):
         if self.reduction == "none":
             result = contributions
         elif self.reduction == "sum":
-            result = contributions.sum().reshape((1,))
+            result = sum_rows(contributions).reshape((1,))
         else:
-            numerator = contributions.sum()
-            denominator = counted.sum() + self.guard
+            # sum_rows, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
+            numerator = sum_rows(contributions)
+            denominator = sum_rows(counted) + self.guard
             result = numerator if self.per_token_output else numerator / denominator
 
         # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph

@@ -74,10 +74,14 @@ def _reduce(rows, reduction, denominator):
 
 
 def row_mask(target, ignore_index, soft):
-    """1.0 for rows that count, 0.0 for ignored rows, float32 [N]."""
+    """1.0 for rows that count, 0.0 for ignored rows, float32 [N].
+
+    Compared in int64: MindSpore converts a Python int to the tensor's dtype, so an int32 target
+    compared with ignore_index = 2**40 would see 0 (wrapped) and ignore the rows of class 0.
+    """
     if soft:
         return ops.ones((target.shape[0],), ms.float32)
-    return (target != ignore_index).astype(ms.float32)
+    return (target.astype(ms.int64) != ignore_index).astype(ms.float32)
 
 
 def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
@@ -193,7 +197,7 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     if soft:
         denominator = sum_rows(mask)
     else:
-        safe_target = ops.select(target != ignore_index, target, ops.zeros_like(target))
+        safe_target = ops.select(mask > 0, target, ops.zeros_like(target))
         denominator = sum_rows(ops.gather(weight_f32, safe_target, 0) * mask)
     row_grad = _per_row(grad_loss, reduction, mask)
     if reduction == "mean":

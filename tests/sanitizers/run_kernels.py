@@ -1,0 +1,537 @@
+"""Calls every exported ms_xent CPU kernel directly, with fuzz-style inputs, for a sanitizer run.
+
+Run through ``bash tests/sanitizers/run.sh``, which builds the kernel library with
+AddressSanitizer + UndefinedBehaviorSanitizer (``MS_XENT_EXTRA_CXXFLAGS``) into a separate cache
+(``MS_XENT_CACHE_DIR``) and starts this script with the ASan runtime preloaded. Any sanitizer
+report aborts the process (non-zero exit); a kernel return code other than the expected one is
+reported here and also makes the exit status non-zero.
+
+No MindSpore: the kernels are called through their C ABI,
+``int Fn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+void *stream, void *extra)``, exactly as MindSpore's aot launcher calls them. Every buffer the
+kernels see (tensor data, and the params / ndims / shapes / dtypes arrays themselves) is allocated
+with malloc at its exact size, so ASan's redzone starts at the first byte past the end: a read
+or write one element out of bounds is reported. Non-default attributes (ignore_index, label
+smoothing, class weights) reach the kernels through their ``<Name>Init`` functions and a
+test-only AotExtra (``fake_aot_extra.cc``, compiled only here).
+
+Inputs: targets out of range (C, beyond C, negative, int32 / int64 extremes), ignore_index
+-100 / -1 / a valid class / int64 min, logits +-inf, NaN, +-FLT_MAX, 1e38, denormals, rows that
+are -inf but for one entry, whole -inf rows, C = 1, C not a multiple of 16, C around the kernel
+block (2048), C > 65536, N = 0, odd N, N * C above the OpenMP threshold; BCE with any rank
+(0 to 16, and 17: refused), zero-size dims, broadcast weight / pos_weight, logits -120 / +-inf /
+NaN; and malformed calls (wrong parameter counts, ranks, shapes, dtypes), which must return
+kBadArguments (1) without touching memory they do not own. A canary pass repeats the kernels on
+finite inputs with guard bytes after every buffer, for the AVX-512 masked loads and stores that
+ASan does not instrument (see Kernels.call).
+"""
+
+import ctypes
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+OK, BAD_ARGUMENTS, TARGET_OUT_OF_RANGE = 0, 1, 2
+FLT_MAX = float(np.finfo(np.float32).max)
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+               "int32": np.int32, "int64": np.int64, "float64": np.float64, "int8": np.int8,
+               "int16": np.int16}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+def load_kernel_build():
+    """ms_xent/kernel_build.py, loaded by path: importing the ms_xent package imports MindSpore."""
+    spec = importlib.util.spec_from_file_location(
+        "ms_xent_kernel_build", os.path.join(REPO, "ms_xent", "kernel_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CANARY_BYTES = 64
+CANARY = 0x7F  # 0x7F7F7F7F: float32 3.4e38; bfloat16 3.4e38; float16 NaN; int32/int64 huge
+
+
+class Allocations:
+    """malloc'd blocks, freed together. Exact size by default (ASan's redzone starts right after
+    the data); with ``canary``, followed by CANARY_BYTES bytes of CANARY that must survive."""
+
+    def __init__(self, canary=False):
+        self.canary = canary
+        self.blocks = []
+
+    def raw(self, data: bytes):
+        pad = CANARY_BYTES if self.canary else 0
+        pointer = _libc.malloc(len(data) + pad)
+        assert pointer, "malloc failed"
+        ctypes.memmove(pointer, data, len(data))
+        ctypes.memset(pointer + len(data), CANARY, pad)
+        self.blocks.append((pointer, len(data), pad))
+        return pointer
+
+    def overwritten(self):
+        """Number of blocks whose canary was written to."""
+        return sum(ctypes.string_at(pointer + size, pad) != bytes([CANARY]) * pad
+                   for pointer, size, pad in self.blocks if pad)
+
+    def free(self):
+        for pointer, _, _ in self.blocks:
+            _libc.free(pointer)
+        self.blocks = []
+
+
+def to_bfloat16_bits(values):
+    """float32 -> bfloat16 bit patterns, round to nearest even, NaN kept quiet."""
+    bits = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(values, np.float32))
+    return np.where(nan, np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+class Tensor:
+    """A kernel operand: dtype name, shape and the bytes of its data (C order)."""
+
+    def __init__(self, dtype, shape, values=None):
+        self.dtype = dtype
+        self.shape = tuple(int(d) for d in shape)
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if values is None:
+            values = np.zeros(count)
+        values = np.asarray(values).reshape(-1)
+        assert values.size == count, (dtype, shape, values.size)
+        if dtype == "bfloat16":
+            self.data = to_bfloat16_bits(values.astype(np.float32)).tobytes()
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.data = values.astype(NUMPY_TYPES[dtype]).tobytes()
+        self.pointer = None
+
+    def read(self):
+        """The data after the call, as float64 (or int64) numpy."""
+        raw = ctypes.string_at(self.pointer, len(self.data))
+        if self.dtype == "bfloat16":
+            bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).astype(np.float64).reshape(self.shape)
+        return np.frombuffer(raw, NUMPY_TYPES[self.dtype]).astype(np.float64).reshape(self.shape)
+
+
+class Kernels:
+    """The sanitized kernel library and the test-only AotExtra library."""
+
+    def __init__(self, kernel_library, extra_library):
+        self.lib = ctypes.CDLL(kernel_library)
+        self.extra_lib = ctypes.CDLL(extra_library)
+        self.extra_lib.MsXentTestNewExtra.restype = ctypes.c_void_p
+        self.extra_lib.MsXentTestDeleteExtra.argtypes = [ctypes.c_void_p]
+        self.extra_lib.MsXentTestSetInt.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                                    ctypes.c_int64]
+        self.extra_lib.MsXentTestSetFloat.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                                      ctypes.c_float]
+        self.extra_lib.MsXentTestSetBool.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                                     ctypes.c_int]
+        self.calls = 0
+        self.failures = []
+
+    def _arrays(self, memory, tensors):
+        n = len(tensors)
+        for tensor in tensors:
+            tensor.pointer = memory.raw(tensor.data)
+        params = memory.raw(np.array([t.pointer for t in tensors], np.uint64).tobytes())
+        ndims = memory.raw(np.array([len(t.shape) for t in tensors], np.int32).tobytes())
+        shape_pointers = [memory.raw(np.array(t.shape, np.int64).tobytes()) for t in tensors]
+        shapes = memory.raw(np.array(shape_pointers, np.uint64).tobytes())
+        names = [memory.raw(t.dtype.encode() + b"\0") for t in tensors]
+        dtypes = memory.raw(np.array(names, np.uint64).tobytes())
+        return n, params, ndims, shapes, dtypes
+
+    def call(self, symbol, tensors, expected, attrs=None, what="", canary=False):
+        """Calls ``symbol`` (after ``<symbol>Init`` when ``attrs`` is given); records a failure
+        if it returns anything but ``expected`` or, with ``canary``, if it wrote past the end of
+        any buffer. Returns the tensors' values after the call.
+
+        The canary pass covers what ASan does not see: GCC does not instrument the AVX-512
+        masked loads and stores that the row kernels issue through intrinsics. A wrong tail mask
+        would write into a canary (reported here) or read one (a huge or NaN value: the callers
+        check that finite inputs give finite outputs)."""
+        memory = Allocations(canary)
+        extra = None
+        try:
+            n, params, ndims, shapes, dtypes = self._arrays(memory, tensors)
+            if attrs is not None:
+                extra = self.extra_lib.MsXentTestNewExtra()
+                for name, value in attrs.items():
+                    if isinstance(value, bool):
+                        self.extra_lib.MsXentTestSetBool(extra, name.encode(), int(value))
+                    elif isinstance(value, int):
+                        self.extra_lib.MsXentTestSetInt(extra, name.encode(), value)
+                    else:
+                        self.extra_lib.MsXentTestSetFloat(extra, name.encode(), value)
+                init = getattr(self.lib, symbol + "Init")
+                init.argtypes = [ctypes.c_void_p] * 4
+                status = init(ndims, shapes, dtypes, extra)
+                if status != OK:
+                    self.failures.append(f"{symbol}Init returned {status} ({what})")
+            entry = getattr(self.lib, symbol)
+            entry.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
+            status = entry(n, params, ndims, shapes, dtypes, None, extra)
+            self.calls += 1
+            if status != expected:
+                self.failures.append(f"{symbol} returned {status}, expected {expected} ({what})")
+            results = [t.read() for t in tensors]
+            if canary and memory.overwritten():
+                self.failures.append(f"{symbol} wrote past the end of "
+                                     f"{memory.overwritten()} buffer(s) ({what})")
+        finally:
+            if extra is not None:
+                self.extra_lib.MsXentTestDeleteExtra(extra)
+            memory.free()
+        return results
+
+
+# ---- cross-entropy -----------------------------------------------------------------------------
+
+CE_SHAPES = [(0, 5), (1, 1), (3, 1), (5, 15), (7, 16), (9, 17), (2, 33), (3, 2047), (1, 2048),
+             (2, 2049), (1, 4097), (301, 131), (2, 70001)]
+CE_ATTRS = [
+    {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False},
+    {"ignore_index": -1, "label_smoothing": 0.1, "weighted": True},
+    {"ignore_index": 2, "label_smoothing": 0.5, "weighted": False},
+    {"ignore_index": -2 ** 63, "label_smoothing": 0.999, "weighted": True},
+]
+LOGIT_PATTERNS = ("normal", "specials", "minus_inf_rows", "all_but_one_minus_inf", "extremes",
+                  "denormal")
+
+
+def ce_logits(rng, pattern, n, c):
+    x = rng.standard_normal((n, c)) * 5
+    if pattern == "specials":
+        picks = rng.random((n, c))
+        x[picks < 0.05] = np.nan
+        x[(picks >= 0.05) & (picks < 0.1)] = np.inf
+        x[(picks >= 0.1) & (picks < 0.3)] = -np.inf
+    elif pattern == "minus_inf_rows":
+        x[rng.random(n) < 0.5] = -np.inf
+    elif pattern == "all_but_one_minus_inf":
+        keep = rng.integers(0, c, n)
+        kept = x[np.arange(n), keep]
+        x[:] = -np.inf
+        x[np.arange(n), keep] = kept
+    elif pattern == "extremes":
+        x = rng.choice([FLT_MAX, -FLT_MAX, 1e38, -1e38, 65504.0, -65504.0, 0.0], (n, c))
+    elif pattern == "denormal":
+        x = rng.choice([1e-45, -1e-45, 1e-40, 0.0, -0.0], (n, c))
+    return x
+
+
+def ce_targets(rng, n, c, ignore_index, index_dtype, out_of_range):
+    """Targets with some ignored rows, and (when ``out_of_range``) some values outside [0, C)."""
+    info = np.iinfo(NUMPY_TYPES[index_dtype])
+    t = rng.integers(0, c, n).astype(np.int64)
+    if info.min <= ignore_index <= info.max:
+        t[rng.random(n) < 0.3] = ignore_index
+    if out_of_range and n:
+        bad = [c, c + 7, -5, info.min, info.max]
+        if ignore_index != -1:
+            bad.append(-1)
+        rows = rng.random(n) < 0.4
+        rows[rng.integers(0, n)] = True
+        t[rows] = rng.choice(bad, int(rows.sum()))
+    counted = t != ignore_index
+    expected = TARGET_OUT_OF_RANGE if ((t[counted] < 0) | (t[counted] >= c)).any() else OK
+    return t, expected
+
+
+def ce_weight(rng, c):
+    w = rng.random(c) + 0.25
+    w[rng.random(c) < 0.3] = 0.0
+    return w
+
+
+def run_cross_entropy(kernels, rng):
+    combos = list(itertools.product(FLOAT_DTYPES, ("int32", "int64"), CE_SHAPES))
+    for number, (dtype, index_dtype, (n, c)) in enumerate(combos):
+        for variant in range(3):
+            attrs = CE_ATTRS[(number + variant) % len(CE_ATTRS)]
+            pattern = LOGIT_PATTERNS[(number * 3 + variant) % len(LOGIT_PATTERNS)]
+            out_of_range = variant == 2
+            what = f"{dtype} {index_dtype} N={n} C={c} {pattern} {attrs} bad_targets={out_of_range}"
+            x = ce_logits(rng, pattern, n, c)
+            t, expected = ce_targets(rng, n, c, attrs["ignore_index"], index_dtype, out_of_range)
+            w = ce_weight(rng, c)
+            hard_inputs = [Tensor(dtype, (n, c), x), Tensor(index_dtype, (n,), t),
+                           Tensor("float32", (c,), w)]
+            rows = [Tensor("float32", (n,)) for _ in range(3)]
+            outputs = kernels.call("XentHardForwardLogProb",
+                                   hard_inputs + rows + [Tensor(dtype, (n, c))], expected, attrs,
+                                   what)
+            lse, log_prob = outputs[4], outputs[6]
+            kernels.call("XentHardForward", hard_inputs + rows, expected, attrs, what)
+            row_grad = rng.choice([0.0, 1.0, -0.5, np.nan, 3e38], n)
+            row_grad_lse = rng.choice([0.0, 0.0, 0.25, -np.inf], n)
+            for source, shift in ((x, lse), (log_prob, np.zeros(n))):
+                kernels.call("XentHardBackward",
+                             [Tensor(dtype, (n, c), source), hard_inputs[1], hard_inputs[2],
+                              Tensor("float32", (n,), shift), Tensor("float32", (n,), row_grad),
+                              Tensor("float32", (n,), row_grad_lse), Tensor(dtype, (n, c))],
+                             expected, attrs, what + " backward")
+            soft_t = rng.choice([0.0, 0.5, 1.0, 0.01, np.nan, -1.0, 2.0, np.inf], (n, c))
+            soft_inputs = [Tensor(dtype, (n, c), x), Tensor(dtype, (n, c), soft_t),
+                           Tensor("float32", (c,), w)]
+            outputs = kernels.call("XentSoftForwardLogProb",
+                                   soft_inputs + [Tensor("float32", (n,)), Tensor("float32", (n,)),
+                                                  Tensor(dtype, (n, c))], OK, attrs, what + " soft")
+            kernels.call("XentSoftForward",
+                         soft_inputs + [Tensor("float32", (n,)), Tensor("float32", (n,))], OK,
+                         attrs, what + " soft")
+            kernels.call("XentSoftBackward",
+                         soft_inputs + [Tensor("float32", (n,), outputs[4]),
+                                        Tensor("float32", (n,), row_grad),
+                                        Tensor("float32", (n,), row_grad_lse),
+                                        Tensor(dtype, (n, c))],
+                         OK, attrs, what + " soft backward")
+    run_cross_entropy_canaries(kernels, rng)
+    # Without an AotExtra (extra = NULL) the kernels use their default attributes.
+    x = ce_logits(rng, "normal", 4, 19)
+    kernels.call("XentHardForward",
+                 [Tensor("float32", (4, 19), x), Tensor("int64", (4,), [0, -100, 18, 3]),
+                  Tensor("float32", (19,), np.ones(19))]
+                 + [Tensor("float32", (4,)) for _ in range(3)], OK, None, "default attributes")
+    run_cross_entropy_malformed(kernels)
+
+
+def check_finite(kernels, symbol, outputs, what):
+    for index, values in enumerate(outputs):
+        if not np.isfinite(values).all():
+            kernels.failures.append(f"{symbol}: non-finite output {index} for finite inputs, "
+                                    f"a read past the end? ({what})")
+
+
+def run_cross_entropy_canaries(kernels, rng):
+    """Every kernel on finite inputs with canary-padded buffers, for every dtype, C around the
+    16-lane vector width and the 2048 block, and N * C above the OpenMP threshold."""
+    shapes = [(3, 1), (2, 15), (2, 16), (2, 17), (5, 31), (2, 2047), (1, 2049), (301, 131)]
+    for dtype, (n, c) in itertools.product(FLOAT_DTYPES, shapes):
+        attrs = {"ignore_index": -100, "label_smoothing": 0.1, "weighted": True}
+        what = f"canary {dtype} N={n} C={c}"
+        x = rng.standard_normal((n, c)) * 3
+        t = rng.integers(0, c, n)
+        w = rng.random(c) + 0.25
+        inputs = [Tensor(dtype, (n, c), x), Tensor("int64", (n,), t), Tensor("float32", (c,), w)]
+        rows = [Tensor("float32", (n,)) for _ in range(3)]
+        out = kernels.call("XentHardForwardLogProb", inputs + rows + [Tensor(dtype, (n, c))], OK,
+                           attrs, what, canary=True)
+        check_finite(kernels, "XentHardForwardLogProb", out[3:], what)
+        row_grads = [Tensor("float32", (n,), out[4]), Tensor("float32", (n,), np.ones(n)),
+                     Tensor("float32", (n,), np.full(n, 0.5))]
+        out = kernels.call("XentHardBackward", inputs + row_grads + [Tensor(dtype, (n, c))], OK,
+                           attrs, what, canary=True)
+        check_finite(kernels, "XentHardBackward", out[-1:], what)
+        soft = rng.random((n, c))
+        soft_inputs = [inputs[0], Tensor(dtype, (n, c), soft / soft.sum(1, keepdims=True)),
+                       inputs[2]]
+        out = kernels.call("XentSoftForwardLogProb",
+                           soft_inputs + rows[:2] + [Tensor(dtype, (n, c))], OK, attrs, what,
+                           canary=True)
+        check_finite(kernels, "XentSoftForwardLogProb", out[3:], what)
+        out = kernels.call("XentSoftBackward", soft_inputs + row_grads + [Tensor(dtype, (n, c))],
+                           OK, attrs, what, canary=True)
+        check_finite(kernels, "XentSoftBackward", out[-1:], what)
+
+
+def run_cross_entropy_malformed(kernels):
+    """Calls that MindSpore would never make (wrong counts, ranks, shapes, dtypes): each must
+    return kBadArguments without reading or writing outside what it was given."""
+    attrs = CE_ATTRS[1]
+    n, c = 3, 5
+
+    def forward(x_shape=(n, c), t=("int64", (n,)), w=(c,), dtype="float32", count=6):
+        tensors = [Tensor(dtype, x_shape), Tensor(t[0], t[1]), Tensor("float32", w),
+                   Tensor("float32", (n,)), Tensor("float32", (n,)), Tensor("float32", (n,)),
+                   Tensor(dtype, (n, c)), Tensor("float32", (n,))]
+        return tensors[:count]
+
+    def backward(shift=(n,), grad=(n, c), t=("int64", (n,)), dtype="float32", count=7):
+        tensors = [Tensor(dtype, (n, c)), Tensor(t[0], t[1]), Tensor("float32", (c,)),
+                   Tensor("float32", shift), Tensor("float32", (n,)), Tensor("float32", (n,)),
+                   Tensor(dtype, grad), Tensor("float32", (n,))]
+        return tensors[:count]
+
+    f32 = "float32"
+    soft_inputs = [Tensor(f32, (n, c)), Tensor(f32, (n, c)), Tensor(f32, (c,))]
+    rows = [Tensor(f32, (n,)), Tensor(f32, (n,))]
+    cases = [("XentHardForward", forward(count=count)) for count in (0, 5, 8)]
+    cases += [("XentHardForward", forward(**changes)) for changes in (
+        {"x_shape": (n * c,)}, {"x_shape": (1, n, c)}, {"t": ("int64", (n + 1,))},
+        {"t": ("int64", (n, 1))}, {"t": ("float32", (n,))}, {"t": ("int8", (n,))},
+        {"w": (c + 1,)}, {"dtype": "float64"}, {"dtype": "int8"})]
+    cases += [("XentHardBackward", backward(**changes)) for changes in (
+        {"count": 6}, {"count": 8}, {"shift": (n + 1,)}, {"grad": (n, c + 1)},
+        {"t": ("int16", (n,))}, {"dtype": "float64"})]
+    cases += [
+        ("XentSoftForward", [soft_inputs[0], Tensor("float16", (n, c)), soft_inputs[2]] + rows),
+        ("XentSoftForward", [soft_inputs[0], Tensor(f32, (n, c + 1)), soft_inputs[2]] + rows),
+        ("XentSoftForward", soft_inputs + rows[:1]),
+        ("XentSoftBackward", soft_inputs + [Tensor(f32, (n,))] + rows + [Tensor(f32, (n + 1, c))]),
+    ]
+    for symbol, tensors in cases:
+        shapes = [(t.dtype, t.shape) for t in tensors]
+        kernels.call(symbol, tensors, BAD_ARGUMENTS, attrs, f"malformed {shapes}")
+
+
+# ---- binary cross-entropy with logits ----------------------------------------------------------
+
+BCE_SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (0,), (4, 0, 3), (40001,), (3, 17, 700),
+              (2,) * 15 + (3,)]
+
+
+def broadcast_shapes(rng, shape):
+    """A few shapes that broadcast to ``shape``: scalar, same, trailing dims, size-1 dims."""
+    candidates = [(), tuple(shape)]
+    if shape:
+        candidates.append(tuple(shape[-1:]))
+        candidates.append(tuple(1 if rng.random() < 0.5 else d for d in shape))
+        candidates.append((1,) + tuple(shape[1:]))
+    return candidates
+
+
+def bce_values(rng, count, dtype):
+    x = rng.standard_normal(count) * 10
+    specials = [-120.0, 120.0, np.inf, -np.inf, np.nan, 0.0, FLT_MAX, -FLT_MAX, 1e-45]
+    if dtype == "float16":
+        specials += [65504.0, -65504.0]
+    picks = rng.random(count) < 0.3
+    x[picks] = rng.choice(specials, int(picks.sum()))
+    t = rng.choice([0.0, 1.0, 0.3, 0.999], count)
+    t[rng.random(count) < 0.02] = np.nan
+    return x, t
+
+
+def run_bce(kernels, rng):
+    for dtype, shape in itertools.product(FLOAT_DTYPES, BCE_SHAPES):
+        count = int(np.prod(shape, dtype=np.int64))
+        x, t = bce_values(rng, count, dtype)
+        for w_shape, pw_shape in itertools.product(broadcast_shapes(rng, shape), repeat=2):
+            if rng.random() < 0.6:
+                continue
+            w = rng.random(int(np.prod(w_shape, dtype=np.int64))) * 2
+            pw = rng.choice([0.0, 1.0, 3.0, 1e4], int(np.prod(pw_shape, dtype=np.int64)))
+            what = f"{dtype} x{shape} w{w_shape} pw{pw_shape}"
+            inputs = [Tensor(dtype, shape, x), Tensor(dtype, shape, t),
+                      Tensor("float32", w_shape, w), Tensor("float32", pw_shape, pw)]
+            kernels.call("BceWithLogitsForward", inputs + [Tensor(dtype, shape)], OK, None, what)
+            kernels.call("BceWithLogitsForwardSum", inputs + [Tensor("float32", (1,))], OK, None,
+                         what)
+            grad = rng.choice([1.0, -2.0, 0.0, np.nan], count)
+            kernels.call("BceWithLogitsBackward",
+                         inputs + [Tensor(dtype, shape, grad), Tensor(dtype, shape),
+                                   Tensor(dtype, shape)], OK, None, what + " backward")
+            kernels.call("BceWithLogitsBackwardScalarGrad",
+                         inputs + [Tensor("float32", (1,), [0.5]), Tensor(dtype, shape),
+                                   Tensor(dtype, shape)], OK, None, what + " backward scalar")
+    run_bce_canaries(kernels, rng)
+    run_bce_malformed(kernels)
+
+
+def run_bce_canaries(kernels, rng):
+    """The BCE kernels on finite inputs with canary-padded buffers (see Kernels.call)."""
+    for dtype, shape in itertools.product(FLOAT_DTYPES, [(1,), (15,), (17,), (3, 33), (40001,)]):
+        what = f"canary {dtype} x{shape}"
+        x, t = rng.standard_normal(shape) * 5, rng.random(shape)
+        inputs = [Tensor(dtype, shape, x), Tensor(dtype, shape, t),
+                  Tensor("float32", shape[-1:], rng.random(shape[-1:])),
+                  Tensor("float32", (), [2.0])]
+        for symbol, outputs in (
+                ("BceWithLogitsForward", [Tensor(dtype, shape)]),
+                ("BceWithLogitsForwardSum", [Tensor("float32", (1,))]),
+                ("BceWithLogitsBackward", [Tensor(dtype, shape, np.ones(shape)),
+                                           Tensor(dtype, shape), Tensor(dtype, shape)]),
+                ("BceWithLogitsBackwardScalarGrad", [Tensor("float32", (1,), [1.0]),
+                                                     Tensor(dtype, shape), Tensor(dtype, shape)])):
+            out = kernels.call(symbol, inputs + outputs, OK, None, what, canary=True)
+            check_finite(kernels, symbol, out[4:], what)
+
+
+def run_bce_malformed(kernels):
+    f32 = "float32"
+    shape = (3, 4)
+
+    def forward(x=shape, t=shape, w=(), pw=(), out=shape, w_dtype=f32, t_dtype=f32):
+        return [Tensor(f32, x), Tensor(t_dtype, t), Tensor(w_dtype, w), Tensor(f32, pw),
+                Tensor(f32, out)]
+
+    rank17 = (1,) * 17
+    cases = [
+        ("BceWithLogitsForward", forward(t=(4, 3))), ("BceWithLogitsForward", forward(w=(5,))),
+        ("BceWithLogitsForward", forward(pw=(2, 3, 4))), ("BceWithLogitsForward", forward(w=(3,))),
+        ("BceWithLogitsForward", forward(out=(12,))),
+        ("BceWithLogitsForward", forward(w_dtype="float16")),
+        ("BceWithLogitsForward", forward(t_dtype="float16")),
+        ("BceWithLogitsForward", forward(x=rank17, t=rank17, out=rank17)),
+        ("BceWithLogitsForward", forward()[:4]),
+        ("BceWithLogitsForwardSum", forward()[:4] + [Tensor(f32, (2,))]),
+        ("BceWithLogitsForwardSum", forward()[:4] + [Tensor("float16", (1,))]),
+        ("BceWithLogitsBackward", forward()[:4] + [Tensor(f32, (4, 3)), Tensor(f32, shape),
+                                                   Tensor(f32, shape)]),
+        ("BceWithLogitsBackward", forward()[:4] + [Tensor(f32, shape), Tensor(f32, shape)]),
+        ("BceWithLogitsBackward", forward()[:4] + [Tensor(f32, shape), Tensor(f32, shape),
+                                                   Tensor(f32, (12,))]),
+        ("BceWithLogitsBackwardScalarGrad", forward()[:4] + [Tensor(f32, (2,)), Tensor(f32, shape),
+                                                             Tensor(f32, shape)]),
+    ]
+    for symbol, tensors in cases:
+        shapes = [(t.dtype, t.shape) for t in tensors]
+        kernels.call(symbol, tensors, BAD_ARGUMENTS, None, f"malformed {shapes}")
+
+
+# ---- build and run ------------------------------------------------------------------------------
+
+def build(kernel_build):
+    """(kernel library, test-only AotExtra library), both with the sanitizer flags."""
+    flags = kernel_build.build_flags()
+    if not any(flag.startswith("-fsanitize=") for flag in flags):
+        sys.exit("run_kernels.py: MS_XENT_EXTRA_CXXFLAGS has no -fsanitize flag; use "
+                 "tests/sanitizers/run.sh")
+    kernel_library = kernel_build.kernel_library()
+    extra_library = os.path.join(os.path.dirname(kernel_library), "libms_xent_test_extra.so")
+    source = os.path.join(HERE, "fake_aot_extra.cc")
+    if (not os.path.exists(extra_library)
+            or os.path.getmtime(extra_library) < os.path.getmtime(source)):
+        command = [kernel_build._compiler(), *flags, "-I", kernel_build.CSRC_DIR, source, "-o",
+                   extra_library]
+        subprocess.run(command, check=True)
+    for library in (kernel_library, extra_library):
+        with open(library, "rb") as binary:
+            content = binary.read()
+        if b"__asan_" not in content or b"__ubsan_handle" not in content:
+            sys.exit(f"run_kernels.py: {library} is not instrumented with ASan and UBSan")
+    return kernel_library, extra_library
+
+
+def main():
+    kernel_library, extra_library = build(load_kernel_build())
+    print(f"sanitized kernels: {kernel_library}", flush=True)
+    kernels = Kernels(kernel_library, extra_library)
+    rng = np.random.default_rng(20240601)
+    run_cross_entropy(kernels, rng)
+    ce_calls = kernels.calls
+    run_bce(kernels, rng)
+    print(f"kernel calls: {kernels.calls} (cross-entropy {ce_calls}, "
+          f"BCE {kernels.calls - ce_calls}); failures: {len(kernels.failures)}")
+    for failure in kernels.failures[:50]:
+        print("  " + failure)
+    return 1 if kernels.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
