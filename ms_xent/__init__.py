@@ -1,13 +1,14 @@
 """ms_xent: fused cross-entropy losses for MindSpore and MindFormers.
 
 - :mod:`ms_xent.ops`: functional ops over the fused kernels (``cross_entropy_loss``, ...).
-- :mod:`ms_xent.nn`: loss Cells (``CrossEntropyLoss``, ``BCEWithLogitsLoss``, ...).
+- :mod:`ms_xent.nn`: loss Cells (``CrossEntropyLoss``, ``BCEWithLogitsLoss``, ``LinearCrossEntropyLoss``).
 - :mod:`ms_xent.mindformers`: registration with MindFormers (optional dependency).
 """
 
 from ms_xent import nn, ops
-from ms_xent.nn import BCEWithLogitsLoss, CrossEntropyLoss
+from ms_xent.nn import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "nn", "ops", "__version__"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "nn", "ops",
+           "__version__"]

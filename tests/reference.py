@@ -207,3 +207,54 @@ def torch_masked_cross_entropy(x, target, mask=None, weight=None, ignore_index=-
         loss = (mt * rows).sum() / ((mt * rho).sum() + 1e-8)
     (grad,) = torch.autograd.grad(loss.sum(), xt)
     return loss.detach().numpy(), grad.numpy()
+
+
+def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, mask=None,
+                               ignore_index=-100, label_smoothing=0.0, zloss_scale=0.0,
+                               softcap=0.0, scale=1.0, reduction="mean", guard=0.0,
+                               upstream=None):
+    """PyTorch float64 oracle of ``linear_cross_entropy`` / ``LinearCrossEntropyLoss``.
+
+    logits = softcap(scale * (hidden @ weight.T + bias)) (cap * tanh(z / cap); none when 0); per
+    row v_n = mask_n * (l_n + s * rho_n * lse_n^2) with l_n from ``F.cross_entropy`` and
+    rho_n = w[y_n] (0 for ignored rows). "none": v; "sum": sum v; "mean": sum v / D with
+    D = sum mask_n rho_n + guard (0 when D is 0); "per_token": (sum v, D).
+    Returns (loss, {"hidden", "weight", "bias"} gradients) of sum(upstream * loss) (upstream 1
+    when None; for "per_token" it multiplies the numerator).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def as_torch(array, requires_grad=False):
+        return torch.tensor(np.asarray(array, np.float64), requires_grad=requires_grad)
+
+    h = as_torch(hidden, True)
+    w = as_torch(weight, True)
+    b = as_torch(np.zeros(w.shape[0]) if bias is None else bias, True)
+    n_rows, n_vocab = h.shape[0], w.shape[0]
+    z = scale * (h @ w.T + b)
+    x = softcap * torch.tanh(z / softcap) if softcap > 0 else z
+    tt = torch.tensor(np.asarray(target, np.int64))
+    cw = torch.ones(n_vocab, dtype=torch.float64) if class_weight is None else as_torch(
+        class_weight)
+    mt = torch.ones(n_rows, dtype=torch.float64) if mask is None else as_torch(mask)
+    rows = F.cross_entropy(x, tt, weight=cw, reduction="none", ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    counted = tt != ignore_index
+    rho = torch.where(counted, cw[torch.where(counted, tt, 0)], 0.0)
+    values = mt * (rows + zloss_scale * rho * torch.logsumexp(x, dim=1) ** 2)
+    denominator = (mt * rho).sum() + guard
+    if reduction == "none":
+        loss = values
+    elif reduction == "sum":
+        loss = values.sum()
+    elif reduction == "per_token":
+        loss = values.sum()
+    else:
+        loss = values.sum() / denominator if denominator > 0 else values.sum() * 0.0
+    weights = torch.ones_like(loss) if upstream is None else as_torch(upstream).reshape(loss.shape)
+    grads = torch.autograd.grad(loss, (h, w, b), weights)
+    result = loss.detach().numpy()
+    if reduction == "per_token":
+        result = (result, float(denominator))
+    return result, dict(zip(("hidden", "weight", "bias"), (g.numpy() for g in grads)))

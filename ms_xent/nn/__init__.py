@@ -2,5 +2,6 @@
 
 from ms_xent.nn.bce_with_logits_loss import BCEWithLogitsLoss
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]

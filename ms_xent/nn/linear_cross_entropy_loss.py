@@ -1,0 +1,181 @@
+"""LinearCrossEntropyLoss Cell: the MindFormers-style loss of ``hidden @ weight.T`` without logits.
+
+The drop-in counterpart of ``ms_xent.nn.CrossEntropyLoss`` for a model that hands its final hidden
+states and its lm_head weight to the loss instead of computing the logits: the same value, shape
+and gradient as ``CrossEntropyLoss()(hidden @ weight.T + bias, label, input_mask)``, computed by
+:func:`ms_xent.ops.linear_cross_entropy` chunk by chunk, so that the [N, V] logits and their
+gradient never exist.
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+import mindspore as ms
+from mindspore import log as logger
+from mindspore import nn, ops
+
+from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
+from ms_xent.ops.validation import check_ignore_index, check_option_values
+
+API = "LinearCrossEntropyLoss"
+# MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
+DENOMINATOR_GUARD = 1e-8
+
+
+def _parallel_degrees(parallel_config):
+    """(data_parallel, model_parallel) from an OpParallelConfig-like object, a dict or None."""
+    degrees = []
+    for name in ("data_parallel", "model_parallel"):
+        if parallel_config is None:
+            value = None
+        elif isinstance(parallel_config, Mapping):
+            value = parallel_config.get(name)
+        else:
+            value = getattr(parallel_config, name, None)
+        value = 1 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{API}: `parallel_config.{name}` must be a positive int, got "
+                             f"{value!r}")
+        degrees.append(int(value))
+    return tuple(degrees)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{API}: `{name}` must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _class_weight_tensor(weight):
+    """The class weights as a float32 [V] Tensor (None stays None); rejects negative entries."""
+    if weight is None:
+        return None
+    values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
+        weight, dtype=np.float32)
+    if values.ndim != 1:
+        raise ValueError(f"{API}: `weight` must be 1-D (one entry per class), got shape "
+                         f"{values.shape}")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"{API}: `weight` entries must be finite and non-negative, got min "
+                         f"{values.min()} and max {values.max()}")
+    return ms.Tensor(values)
+
+
+class LinearCrossEntropyLoss(nn.Cell):
+    r"""Masked cross-entropy of ``hidden @ weight.T + bias``, averaged as MindFormers does.
+
+    On the same inputs it returns what ``ms_xent.nn.CrossEntropyLoss`` (and so
+    ``mindformers.core.CrossEntropyLoss``) returns for the logits ``hidden @ weight.T + bias``: with
+    :math:`l_n` the per-row cross-entropy, :math:`\rho_n = w[y_n] \cdot 1\{y_n \ne
+    \text{ignore\_index}\}` and s the z-loss scale,
+
+    .. math::
+        \text{loss} = \frac{\sum_n \text{mask}_n (l_n + s\,\rho_n\,\mathrm{lse}_n^2)}
+                           {\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
+
+    float32, shape ``(1,)``. The logits may be transformed first: ``logit_scale`` multiplies them
+    and ``logit_softcap`` > 0 applies ``cap * tanh(logits / cap)`` (Gemma), both inside the fused
+    loop. Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are exact to float32 accumulation.
+
+    Args:
+        parallel_config: data_parallel / model_parallel degrees (an ``OpParallelConfig``-like
+            object, a dict or None). model_parallel > 1 (a vocabulary split across devices) raises
+            NotImplementedError: each device would normalise over its own slice of the vocabulary.
+        check_for_nan_in_loss_and_grad: when True a non-finite loss raises RuntimeError (PYNATIVE
+            and GRAPH mode), naming the quantity and its value.
+        calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``)
+            instead of their ratio, as MindFormers does; needs reduction "mean".
+        seq_split_num: > 1 also returns ``(numerator, denominator)``, as MindFormers does.
+        weight: optional non-negative class weights [V] (Tensor, numpy array or list).
+        ignore_index: label value whose rows do not count (default -100).
+        label_smoothing: eps in [0, 1).
+        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
+        reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
+            per-row values, [N]).
+        logit_softcap: cap >= 0 (0 disables the softcap).
+        logit_scale: non-zero factor applied to the logits before the softcap.
+        chunk_size: rows per chunk (None: automatic, see :func:`ms_xent.ops.linear_cross_entropy`).
+        **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+
+    Inputs:
+        - **hidden** [..., H] float32 / bfloat16 / float16, flattened to [N, H].
+        - **weight** [V, H] lm_head weight (MindFormers' layout), dtype of ``hidden``.
+        - **label** [...] int32 / int64 class indices, N entries.
+        - **input_mask** optional, N entries of any real or bool dtype; 0: the row does not count.
+        - **bias** optional [V], dtype of ``hidden``.
+
+    Outputs:
+        float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+        denominator)``.
+    """
+
+    def __init__(self, parallel_config=None, *, check_for_nan_in_loss_and_grad=False,
+                 calculate_per_token_loss=False, seq_split_num=1, weight=None, ignore_index=-100,
+                 label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
+                 logit_softcap=0.0, logit_scale=1.0, chunk_size=None, **kwargs):
+        super().__init__()
+        self.data_parallel, self.model_parallel = _parallel_degrees(parallel_config)
+        if self.model_parallel > 1:
+            raise NotImplementedError(
+                f"{API}: parallel_config.model_parallel = {self.model_parallel} is not supported: "
+                f"the softmax is taken over the rows of the `weight` this Cell receives, so a "
+                f"vocabulary split over {self.model_parallel} devices would normalise each "
+                f"device's loss over its own slice. Use model_parallel = 1 for the loss.")
+        self.check_for_nan_in_loss_and_grad = _check_flag("check_for_nan_in_loss_and_grad",
+                                                          check_for_nan_in_loss_and_grad)
+        calculate_per_token_loss = _check_flag("calculate_per_token_loss",
+                                               calculate_per_token_loss)
+        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, (int, np.integer)) \
+                or seq_split_num < 1:
+            raise ValueError(f"{API}: `seq_split_num` must be a positive int, got "
+                             f"{seq_split_num!r}")
+        check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
+        check_ignore_index(API, ignore_index)
+        self.per_token_output = calculate_per_token_loss or seq_split_num > 1
+        if self.per_token_output and reduction != "mean":
+            raise ValueError(f"{API}: calculate_per_token_loss=True or seq_split_num > 1 returns "
+                             f"(numerator, denominator) of the mean, which needs reduction "
+                             f"'mean', got {reduction!r}")
+        self.class_weight = _class_weight_tensor(weight)
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        self.zloss_scale = float(lse_square_scale_for_zloss)
+        self.reduction = reduction
+        self.logit_softcap = float(logit_softcap)
+        self.logit_scale = float(logit_scale)
+        self.chunk_size = chunk_size
+        if kwargs:
+            logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
+
+    def _raise_if_not_finite(self, value, what):
+        if not ops.isfinite(value).all():
+            raise RuntimeError(f"{API} (check_for_nan_in_loss_and_grad=True): the {what} is not "
+                               f"finite ({value}): NaN/Inf in the hidden states, the weight or "
+                               f"input_mask, or an overflow.")
+
+    def construct(self, hidden, weight, label, input_mask=None, bias=None):
+        """Returns the loss (see the class docstring for shapes)."""
+        n_hidden = hidden.shape[-1]
+        if len(hidden.shape) != 2:
+            hidden = hidden.reshape((-1, n_hidden))
+        n_rows = hidden.shape[0]
+        label = label.reshape((n_rows,))
+        if input_mask is not None:
+            input_mask = input_mask.reshape((n_rows,))
+        result = linear_cross_entropy_impl(
+            API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
+            self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,
+            self.reduction, input_mask, self.per_token_output, self.chunk_size,
+            DENOMINATOR_GUARD)
+        if self.reduction == "none":
+            value, what = result, "per-row loss"
+        elif self.per_token_output:
+            numerator, denominator = result
+            if self.check_for_nan_in_loss_and_grad:
+                self._raise_if_not_finite(numerator, "numerator of the per-token loss")
+            return numerator, denominator.reshape((1,))
+        else:
+            value, what = result.reshape((1,)), "loss"
+        if self.check_for_nan_in_loss_and_grad:
+            self._raise_if_not_finite(value, what)
+        return value

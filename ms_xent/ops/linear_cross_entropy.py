@@ -1,0 +1,291 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T + bias`` without the [N, V] logits.
+
+For a language model's head the logits are the largest activation (N = 8192 tokens and a 128k
+vocabulary make 4 GiB in float32, and their gradient as much again). :func:`linear_cross_entropy`
+processes the rows in chunks: per chunk the logits, the fused cross-entropy forward, and at once
+the chunk's gradient w.r.t. the hidden states and its contribution to the gradient w.r.t. the
+weight and bias (see :mod:`ms_xent.ops.linear_cross_entropy_op`). At most one chunk of logits is
+alive at a time.
+"""
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+from mindspore.ops import constexpr
+
+from ms_xent.ops.linear_cross_entropy_op import (FLOAT32_BYTES, linear_cross_entropy_rows,
+                                                 linear_cross_entropy_sum, live_row_buffers)
+from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
+                                    check_option_values, check_target_values, executing_eagerly)
+
+API = "linear_cross_entropy"
+MIB = 1 << 20
+# Automatic chunking: the chunk's float32 working set (logits, their gradient, temporaries) and
+# the two [vocab_block, H] temporaries of the weight-gradient accumulation each get this share of
+# the size the full float32 logits would have, within [MIN_WORKSPACE, MAX_WORKSPACE].
+WORKSPACE_FRACTION = 1.0 / 16
+MIN_WORKSPACE = 64 * MIB
+MAX_WORKSPACE = 256 * MIB
+
+
+def _known(dim):
+    return dim is not None and dim >= 0
+
+
+@constexpr
+def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, target_shape,
+                  target_dtype, bias_shape, bias_dtype, class_weight_shape, class_weight_dtype,
+                  mask_shape):
+    """Static checks of ranks, shapes and dtypes (compile-time errors in GRAPH mode)."""
+    if hidden_dtype not in FLOAT_TYPES:
+        raise TypeError(f"{api}: `hidden` must be float16, bfloat16 or float32, got {hidden_dtype}")
+    if len(hidden_shape) != 2:
+        raise ValueError(f"{api}: `hidden` must be 2-D [N, H], got shape {tuple(hidden_shape)}")
+    if weight_dtype != hidden_dtype:
+        raise TypeError(f"{api}: `weight` must have the dtype of `hidden` ({hidden_dtype}), got "
+                        f"{weight_dtype}")
+    if len(weight_shape) != 2:
+        raise ValueError(f"{api}: `weight` must be 2-D [V, H] (lm_head layout), got shape "
+                         f"{tuple(weight_shape)}")
+    n_rows, n_hidden = hidden_shape
+    n_vocab = weight_shape[0]
+    if not all(_known(dim) for dim in (n_rows, n_hidden, n_vocab, weight_shape[1])):
+        raise ValueError(f"{api}: needs static shapes (the chunk loop is unrolled at compile "
+                         f"time), got hidden {tuple(hidden_shape)} and weight "
+                         f"{tuple(weight_shape)}")
+    if weight_shape[1] != n_hidden:
+        raise ValueError(f"{api}: `weight` [V, H] must have H = {n_hidden} columns like `hidden`, "
+                         f"got shape {tuple(weight_shape)}")
+    if n_vocab <= 0:
+        raise ValueError(f"{api}: `weight` must have V > 0 rows, got shape {tuple(weight_shape)}")
+    if target_dtype not in INDEX_TYPES:
+        raise TypeError(f"{api}: `target` must be int32 or int64 class indices, got "
+                        f"{target_dtype}")
+    if tuple(target_shape) != (n_rows,):
+        raise ValueError(f"{api}: `target` must have shape ({n_rows},) (one class index per row "
+                         f"of `hidden`), got {tuple(target_shape)}")
+    if bias_shape is not None:
+        if bias_dtype != hidden_dtype:
+            raise TypeError(f"{api}: `bias` must have the dtype of `hidden` ({hidden_dtype}), got "
+                            f"{bias_dtype}")
+        if tuple(bias_shape) != (n_vocab,):
+            raise ValueError(f"{api}: `bias` must have shape ({n_vocab},), got "
+                             f"{tuple(bias_shape)}")
+    if class_weight_shape is not None:
+        if class_weight_dtype not in FLOAT_TYPES:
+            raise TypeError(f"{api}: `class_weight` must be a float tensor, got "
+                            f"{class_weight_dtype}")
+        if tuple(class_weight_shape) != (n_vocab,):
+            raise ValueError(f"{api}: `class_weight` must have shape ({n_vocab},) (one per class), "
+                             f"got {tuple(class_weight_shape)}")
+    if mask_shape is not None and tuple(mask_shape) != (n_rows,):
+        raise ValueError(f"{api}: `input_mask` must have shape ({n_rows},), got "
+                         f"{tuple(mask_shape)}")
+    return True
+
+
+@constexpr
+def _check_transform(api, logit_softcap, logit_scale, reduction, return_per_token):
+    for name, value in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(value):
+            raise TypeError(f"{api}: `{name}` must be a finite float, got {value!r}")
+    if logit_softcap < 0:
+        raise ValueError(f"{api}: `logit_softcap` must be >= 0 (0 disables it), got "
+                         f"{logit_softcap!r}")
+    if logit_scale == 0:
+        raise ValueError(f"{api}: `logit_scale` must be non-zero, got {logit_scale!r}")
+    if not isinstance(return_per_token, (bool, np.bool_)):
+        raise TypeError(f"{api}: `return_per_token` must be a bool, got {return_per_token!r}")
+    if return_per_token and reduction == "none":
+        raise ValueError(f"{api}: return_per_token=True returns (numerator, denominator) of the "
+                         f"'mean' loss; it cannot be combined with reduction 'none'")
+    return True
+
+
+@constexpr
+def chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size):
+    """(chunk_rows, vocab_block) of the loop; ``chunk_size`` (rows) overrides the budget.
+
+    The budget is WORKSPACE_FRACTION of the size of the full float32 logits (the dtype the logits
+    are computed in), clamped to [MIN_WORKSPACE, MAX_WORKSPACE]; a given ``chunk_size`` sets it to
+    that chunk's working set. The chunk's float32 working set (``live_row_buffers`` buffers of
+    [chunk_rows, V]) fits the budget, and so do the two [vocab_block, H] float32 temporaries of
+    the blockwise weight-gradient accumulation (equal blocks; one block when the whole
+    accumulation fits).
+    """
+    row_bytes = n_vocab * FLOAT32_BYTES * live_row_buffers(logit_softcap)
+    if chunk_size is None:
+        budget = n_rows * n_vocab * FLOAT32_BYTES * WORKSPACE_FRACTION
+        budget = int(min(max(budget, MIN_WORKSPACE), MAX_WORKSPACE))
+        chunk_rows = max(1, budget // row_bytes)
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+                or chunk_size < 1:
+            raise ValueError(f"{api}: `chunk_size` must be a positive int (rows per chunk) or "
+                             f"None, got {chunk_size!r}")
+        chunk_rows = int(chunk_size)
+        budget = chunk_rows * row_bytes
+    chunk_rows = min(chunk_rows, max(n_rows, 1))
+    n_blocks = -(-n_vocab // max(1, budget // (2 * n_hidden * FLOAT32_BYTES)))
+    vocab_block = -(-n_vocab // n_blocks)
+    return int(chunk_rows), int(vocab_block)
+
+
+def _check_class_weight_values(api, class_weight):
+    """Eager-only: class weights are finite and non-negative."""
+    values = class_weight.astype(ms.float32).asnumpy()
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"{api}: `class_weight` must be finite and non-negative, got min "
+                         f"{values.min()} and max {values.max()}")
+
+
+def _divide_rows(rows, denominator):
+    """rows / denominator, and zeros when the denominator is 0 (every row ignored)."""
+    positive = denominator > 0
+    safe = ops.select(positive, denominator, ops.ones_like(denominator))
+    return rows / safe * positive.astype(ms.float32)
+
+
+def _shape_or_none(tensor):
+    return None if tensor is None else tensor.shape
+
+
+def _dtype_or_none(tensor):
+    return None if tensor is None else tensor.dtype
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, class_weight=None,
+                         label_smoothing=0.0, lse_square_scale_for_zloss=0.0, logit_softcap=0.0,
+                         logit_scale=1.0, reduction="mean", input_mask=None,
+                         return_per_token=False, chunk_size=None):
+    r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, computed without holding them.
+
+    The logits of row n are
+
+    .. math::
+        x_n = \mathrm{cap} \cdot \tanh\left(\frac{\mathrm{scale}\,(h_n W^\top + b)}{\mathrm{cap}}
+        \right)\quad(\text{or } \mathrm{scale}\,(h_n W^\top + b) \text{ when cap} = 0)
+
+    and the loss is that of :func:`ms_xent.ops.cross_entropy_loss` on them, with the z-loss added.
+    With :math:`l_n` the per-row cross-entropy (class weights, label smoothing, 0 for ignored rows),
+    :math:`\rho_n = w[y_n] \cdot 1\{y_n \ne \text{ignore\_index}\}` and :math:`r_n` the input mask
+    (1 without one), each row contributes
+
+    .. math::
+        v_n = r_n \left(l_n + s\,\rho_n\,\mathrm{lse}_n^2\right), \qquad
+        \text{mean} = \frac{\sum_n v_n}{\sum_n r_n \rho_n}, \quad \text{sum} = \sum_n v_n
+
+    (the ``ms_xent.nn.CrossEntropyLoss`` convention: the z-loss of a row carries the row's class
+    weight, so loss and z-loss share the denominator. Without class weights this is exactly
+    ``cross_entropy_loss(...)`` loss + zloss.) With "mean" and a zero denominator (every row
+    ignored or masked out) the loss and its gradient are 0.
+
+    Rows are processed in chunks: per chunk the logits (float32), the fused cross-entropy forward
+    and backward, the chunk's rows of d loss / d hidden and its float32 contribution to
+    d loss / d weight and d loss / d bias. For "mean", "sum" and ``return_per_token`` the gradients
+    are computed during the forward (one forward and two gradient matmuls per chunk, like the
+    unfused path; in PYNATIVE mode only while autodiff records, a plain call computes the loss
+    alone) and the backward only scales them by the upstream gradient. For "none" the backward
+    recomputes each chunk's logits (one more matmul per chunk). The matmuls run in float32 (on CPU
+    MindSpore has no bfloat16 matmul: half-precision weights are cast to float32 once per call).
+    In PYNATIVE mode each chunk is a small graph compiled on first use for each chunk shape; in
+    GRAPH mode the chunk loop unrolls at compile time and needs static shapes.
+
+    Args:
+        hidden: [N, H] float32 / bfloat16 / float16 hidden states (flatten batch dims first).
+        weight: [V, H] output-layer weight in the lm_head layout (MindFormers' ``lm_head.weight``),
+            same dtype as ``hidden``.
+        target: [N] int32 / int64 class indices in [0, V) or ``ignore_index``.
+        bias: optional [V] bias, same dtype as ``hidden``.
+        ignore_index: rows with this target contribute nothing (no loss, no gradient, not
+            counted in the "mean" denominator).
+        class_weight: optional [V] non-negative class weights (not differentiated).
+        label_smoothing: eps in [0, 1).
+        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
+        logit_softcap: cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``; 0 disables it.
+        logit_scale: non-zero factor applied to ``hidden @ weight.T + bias`` before the softcap.
+        reduction: "mean", "sum" or "none".
+        input_mask: optional [N] row weights of any real or bool dtype (0: the row does not
+            count; it multiplies the row's contribution and its share of the denominator).
+            Not differentiated.
+        return_per_token: return ``(numerator, denominator)`` = (sum_n v_n, sum_n r_n rho_n), the
+            two parts of the "mean" loss, so that gradient accumulation or pipeline stages can sum
+            before dividing. Only the numerator is differentiable.
+        chunk_size: rows per chunk. None chooses it so that the chunk's float32 working set
+            (logits and their gradient) is about 1/16 of the size of the full float32 logits,
+            between 64 MiB and 256 MiB; the weight-gradient accumulation is then split into
+            vocabulary blocks whose two [block, H] float32 temporaries fit the same budget.
+            Smaller chunks use less memory and run slower (each chunk re-reads the weight and
+            re-writes the weight-gradient accumulator).
+
+    Returns:
+        float32: 0-d for "mean" / "sum", [N] for "none" (v_n), or ``(numerator, denominator)``,
+        both 0-d. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their
+        dtypes; the weight and bias gradients are accumulated in float32).
+
+    Raises:
+        TypeError / ValueError naming the argument for bad shapes, dtypes, options, and (in
+        PYNATIVE mode) target values outside [0, V) or negative class weights. In GRAPH mode an
+        out-of-range target makes the kernel raise RuntimeError at run time.
+    """
+    return linear_cross_entropy_impl(
+        API, hidden, weight, target, bias, ignore_index, class_weight, label_smoothing,
+        lse_square_scale_for_zloss, logit_softcap, logit_scale, reduction, input_mask,
+        return_per_token, chunk_size)
+
+
+def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, class_weight,
+                              label_smoothing, lse_square_scale_for_zloss, logit_softcap,
+                              logit_scale, reduction, input_mask, return_per_token, chunk_size,
+                              denominator_guard=0.0):
+    """:func:`linear_cross_entropy` with the API name for error messages and a constant added to
+    the "mean" denominator (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8)."""
+    _check_inputs(api, hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape,
+                  target.dtype, _shape_or_none(bias), _dtype_or_none(bias),
+                  _shape_or_none(class_weight), _dtype_or_none(class_weight),
+                  _shape_or_none(input_mask))
+    check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
+    check_ignore_index(api, ignore_index)
+    _check_transform(api, logit_softcap, logit_scale, reduction, return_per_token)
+    n_rows, n_hidden = hidden.shape
+    n_vocab = weight.shape[0]
+    if executing_eagerly():
+        check_target_values(api, target, n_vocab, ignore_index)
+        if class_weight is not None:
+            _check_class_weight_values(api, class_weight)
+
+    weighted = class_weight is not None
+    class_weight = (class_weight.astype(ms.float32) if weighted
+                    else ops.ones((n_vocab,), ms.float32))
+    has_bias = bias is not None
+    if not has_bias:
+        bias = ops.zeros((n_vocab,), hidden.dtype)
+
+    counted = target != ignore_index
+    safe_target = ops.select(counted, target, ops.zeros_like(target))
+    row_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(ms.float32)
+    if input_mask is None:
+        row_coef = ops.ones((n_rows,), ms.float32)
+    else:
+        row_coef = input_mask.astype(ms.float32)
+    row_weight = row_weight * row_coef
+    z_coef = lse_square_scale_for_zloss * row_weight
+
+    layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
+    static = (int(ignore_index), float(label_smoothing), weighted, has_bias, float(logit_softcap),
+              float(logit_scale))
+
+    if reduction == "none":
+        return linear_cross_entropy_rows(static, layout, hidden, weight, bias, target,
+                                         class_weight, row_coef, z_coef)
+
+    denominator = ops.stop_gradient(row_weight.sum()) + denominator_guard
+    if reduction == "mean" and not return_per_token:
+        row_coef = _divide_rows(row_coef, denominator)
+        z_coef = _divide_rows(z_coef, denominator)
+    total = linear_cross_entropy_sum(static, layout, hidden, weight, bias, target, class_weight,
+                                     row_coef, z_coef)
+    if return_per_token:
+        return total, denominator
+    return total

@@ -1,0 +1,431 @@
+"""The fused linear + cross-entropy: ms_xent.ops.linear_cross_entropy and the
+LinearCrossEntropyLoss Cell against a float64 PyTorch oracle (loss and gradients w.r.t. hidden,
+weight and bias) and against the unfused path (matmul + ms_xent CrossEntropyLoss), for every
+option, chunk sizes that do not divide N, V prime, N = 1, float32 and bfloat16, PYNATIVE and
+GRAPH mode."""
+
+import re
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops
+
+from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
+from ms_xent.ops.linear_cross_entropy import (MAX_WORKSPACE, MIN_WORKSPACE, chunk_layout,
+                                              linear_cross_entropy)
+from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
+                             to_ms, to_numpy, torch_linear_cross_entropy)
+
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+IGNORE_INDEX = -100
+# N rows (not a multiple of CHUNK), H hidden, V vocabulary (prime). With H > 4 * CHUNK the
+# PYNATIVE weight-gradient accumulation is split into vocabulary blocks (6 x 6 rows and 1).
+N, H, V, CHUNK = 13, 24, 37, 4
+UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stored gradients
+# The softcap's derivative 1 - tanh^2 is taken from the float32 capped logits (as autodiff of
+# tanh does): near +-cap the rounding of tanh (6e-8) is amplified in 1 - tanh^2, which widens the
+# gradient tolerance of softcapped cases in float32 (observed up to 1.5e-5 of the peak).
+SOFTCAP_GRAD_SCALE = 10.0
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(params=tuple(MODES), name="mode")
+def mode_fixture(request):
+    ms.set_context(mode=MODES[request.param])
+    return request.param
+
+
+def make_data(n_rows=N, seed=0, ignore_fraction=0.0, mask=False, bias=False,
+              class_weight=False):
+    """float32 numpy inputs; the logits hidden @ weight.T have a standard deviation of about 3."""
+    rng = np.random.default_rng(seed)
+    data = {
+        "hidden": rng.standard_normal((n_rows, H)).astype(np.float32),
+        "weight": (rng.standard_normal((V, H)) * 3 / np.sqrt(H)).astype(np.float32),
+        "target": rng.integers(0, V, n_rows).astype(np.int64),
+        "bias": rng.standard_normal(V).astype(np.float32) if bias else None,
+        "class_weight": (rng.random(V) + 0.25).astype(np.float32) if class_weight else None,
+        "mask": None,
+    }
+    data["target"][rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
+    if mask:
+        values = rng.random(n_rows).astype(np.float32) + 0.5
+        values[rng.random(n_rows) < 0.3] = 0.0
+        data["mask"] = values
+    return data
+
+
+class LossCell(nn.Cell):
+    """sum(upstream * loss) of linear_cross_entropy (numerator only for per-token outputs)."""
+
+    def __init__(self, target, class_weight, mask, upstream, options):
+        super().__init__()
+        self.target = target
+        self.class_weight = class_weight
+        self.mask = mask
+        self.upstream = upstream
+        self.options = options
+
+    def loss(self, hidden, weight, bias):
+        return linear_cross_entropy(hidden, weight, self.target, bias=bias,
+                                    class_weight=self.class_weight, input_mask=self.mask,
+                                    **self.options)
+
+    def construct(self, hidden, weight, bias):
+        out = self.loss(hidden, weight, bias)
+        if self.options.get("return_per_token", False):
+            return out[0] * self.upstream
+        return (out * self.upstream).sum()
+
+
+def run_fused(data, options, dtype, upstream):
+    """(loss as returned, {"hidden", "weight", "bias"} gradients), float64 numpy."""
+    tensors = {name: None if data[name] is None else to_ms(data[name], dtype)
+               for name in ("hidden", "weight", "bias")}
+    cell = LossCell(ms.Tensor(data["target"]),
+                    None if data["class_weight"] is None else ms.Tensor(data["class_weight"]),
+                    None if data["mask"] is None else ms.Tensor(data["mask"]),
+                    ms.Tensor(np.asarray(upstream, np.float32)), options)
+    positions = (0, 1, 2) if tensors["bias"] is not None else (0, 1)
+    _, grads = ms.value_and_grad(cell, grad_position=positions)(
+        tensors["hidden"], tensors["weight"], tensors["bias"])
+    for grad, name in zip(grads, ("hidden", "weight", "bias")):
+        assert grad.dtype == dtype and grad.shape == tensors[name].shape, name
+    loss = cell.loss(tensors["hidden"], tensors["weight"], tensors["bias"])
+    if isinstance(loss, tuple):
+        loss = tuple(to_numpy(part) for part in loss)
+    else:
+        assert loss.dtype == ms.float32
+        loss = to_numpy(loss)
+    return loss, dict(zip(("hidden", "weight", "bias"), (to_numpy(g) for g in grads)))
+
+
+def oracle(data, options, dtype, upstream):
+    """The float64 PyTorch reference on the inputs rounded to ``dtype``."""
+    reduction = options.get("reduction", "mean")
+    if options.get("return_per_token", False):
+        reduction = "per_token"
+    return torch_linear_cross_entropy(
+        rounded(data["hidden"], dtype), rounded(data["weight"], dtype), data["target"],
+        bias=None if data["bias"] is None else rounded(data["bias"], dtype),
+        class_weight=data["class_weight"], mask=data["mask"], ignore_index=IGNORE_INDEX,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        zloss_scale=options.get("lse_square_scale_for_zloss", 0.0),
+        softcap=options.get("logit_softcap", 0.0), scale=options.get("logit_scale", 1.0),
+        reduction=reduction, upstream=upstream)
+
+
+def check_against_oracle(data, options, dtype_name="float32", upstream=UPSTREAM):
+    dtype = DTYPES[dtype_name]
+    loss, grads = run_fused(data, options, dtype, upstream)
+    expected_loss, expected_grads = oracle(data, options, dtype, upstream)
+    if isinstance(expected_loss, tuple):
+        assert_close(loss[0], expected_loss[0], dtype, "numerator")
+        assert_close(loss[1], expected_loss[1], dtype, "denominator")
+    else:
+        assert_close(loss, expected_loss, dtype, "loss")
+    widen = SOFTCAP_GRAD_SCALE if options.get("logit_softcap", 0.0) > 0 else 1.0
+    rtol, atol = TOLERANCE[dtype]
+    for name, grad in grads.items():
+        peak = np.abs(expected_grads[name]).max()
+        assert peak > 0, name
+        np.testing.assert_allclose(grad, expected_grads[name], rtol=rtol,
+                                   atol=atol * widen * peak, err_msg=f"d loss / d {name}")
+
+
+ALL_OPTIONS = {"label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.02, "logit_softcap": 4.0,
+               "logit_scale": 1.3}
+ALL_DATA = {"ignore_fraction": 0.3, "mask": True, "bias": True, "class_weight": True}
+CASES = {  # name: (options, make_data keywords)
+    "mean": ({}, {}),
+    "ignore-index-and-class-weight": ({}, {"ignore_fraction": 0.3, "class_weight": True}),
+    "label-smoothing": ({"label_smoothing": 0.2}, {}),
+    "zloss": ({"lse_square_scale_for_zloss": 0.05}, {"ignore_fraction": 0.3}),
+    "softcap": ({"logit_softcap": 3.0}, {}),
+    "scale": ({"logit_scale": 0.6}, {}),
+    "bias": ({}, {"bias": True}),
+    "input-mask": ({}, {"mask": True}),
+    "sum": ({"reduction": "sum"}, {"ignore_fraction": 0.3}),
+    "none": ({"reduction": "none"}, ALL_DATA),
+    "per-token": ({"return_per_token": True}, ALL_DATA),
+    "everything-mean": (ALL_OPTIONS, ALL_DATA),
+    "everything-none": (dict(ALL_OPTIONS, reduction="none"), ALL_DATA),
+    "everything-sum": (dict(ALL_OPTIONS, reduction="sum"), ALL_DATA),
+}
+
+
+def upstream_for(options, n_rows=N, seed=5):
+    if options.get("reduction") == "none":
+        return np.random.default_rng(seed).uniform(0.5, 2.0, n_rows).astype(np.float32)
+    return UPSTREAM
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_options_vs_torch(mode, case):
+    options, data_options = case
+    data = make_data(**data_options)
+    check_against_oracle(data, dict(options, chunk_size=CHUNK), upstream=upstream_for(options))
+
+
+@pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
+                         ids=["mean", "none"])
+def test_bfloat16_vs_torch(mode, options):
+    check_against_oracle(make_data(**ALL_DATA), dict(options, chunk_size=CHUNK), "bfloat16",
+                         upstream_for(options))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, N, 100])
+def test_chunk_sizes_agree(chunk_size):
+    """Automatic (one chunk here), one row per chunk, non-dividing, exact and oversized chunks."""
+    check_against_oracle(make_data(**ALL_DATA), dict(ALL_OPTIONS, chunk_size=chunk_size))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_single_row(mode, reduction):
+    options = dict(ALL_OPTIONS, reduction=reduction, chunk_size=CHUNK)
+    data = make_data(n_rows=1, bias=True, class_weight=True)
+    check_against_oracle(data, options, upstream=upstream_for(options, n_rows=1))
+
+
+def test_every_row_ignored_gives_zero_loss_and_gradient(mode):
+    data = make_data(bias=True)
+    data["target"][:] = IGNORE_INDEX
+    loss, grads = run_fused(data, dict(ALL_OPTIONS, chunk_size=CHUNK), ms.float32, UPSTREAM)
+    assert float(loss) == 0.0
+    for name, grad in grads.items():
+        assert not grad.any(), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_gives_empty_or_zero_results(mode, reduction):
+    hidden = ms.Tensor(np.zeros((0, H), np.float32))
+    weight = to_ms(make_data()["weight"])
+    target = ms.Tensor(np.zeros((0,), np.int64))
+
+    def loss(h, w):
+        return linear_cross_entropy(h, w, target, reduction=reduction).sum()
+
+    value, (grad_hidden, grad_weight) = ms.value_and_grad(loss, grad_position=(0, 1))(hidden,
+                                                                                     weight)
+    assert float(value) == 0.0 and grad_hidden.shape == (0, H)
+    assert grad_weight.shape == (V, H) and not to_numpy(grad_weight).any()
+
+
+def test_forward_without_gradient_matches(mode):
+    """Outside autodiff PYNATIVE skips the gradient work; the loss must not change."""
+    data = make_data(**ALL_DATA)
+    tensors = [to_ms(data[name]) for name in ("hidden", "weight")]
+    options = dict(ALL_OPTIONS, chunk_size=CHUNK)
+    cell = LossCell(ms.Tensor(data["target"]), ms.Tensor(data["class_weight"]),
+                    ms.Tensor(data["mask"]), ms.Tensor(np.float32(1.0)), options)
+    expected, _ = oracle(dict(data, bias=None), options, ms.float32, 1.0)
+    assert_close(to_numpy(cell(*tensors, None)), expected, ms.float32, "loss")
+
+
+def unfused_logits(hidden, weight, bias, options):
+    logits = ops.matmul(hidden, weight.T)
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * options.get("logit_scale", 1.0)
+    cap = options.get("logit_softcap", 0.0)
+    return ops.tanh(logits / cap) * cap if cap > 0 else logits
+
+
+CELL_CASES = {  # constructor options, make_data keywords
+    "default-masked": ({}, {"mask": True, "ignore_fraction": 0.2}),
+    "everything": ({"label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.02,
+                    "logit_softcap": 4.0, "logit_scale": 1.3},
+                   {"mask": True, "ignore_fraction": 0.2, "bias": True, "class_weight": True}),
+    "per-token": ({"calculate_per_token_loss": True}, {"mask": True, "class_weight": True}),
+    "sum": ({"reduction": "sum"}, {"mask": True}),
+    "none": ({"reduction": "none"}, {"mask": True, "bias": True}),
+}
+
+
+@pytest.mark.parametrize("case", CELL_CASES.values(), ids=CELL_CASES.keys())
+def test_cell_matches_unfused_cross_entropy_loss(mode, case):
+    """LinearCrossEntropyLoss(hidden, weight) == CrossEntropyLoss(hidden @ weight.T + bias),
+    value, shape and gradients, and the oracle with MindFormers' 1e-8 denominator guard."""
+    options, data_options = case
+    data = make_data(seed=3, **data_options)
+    logit_options = {key: options.pop(key) for key in ("logit_softcap", "logit_scale")
+                     if key in options}
+    fused = LinearCrossEntropyLoss(weight=data["class_weight"], chunk_size=CHUNK,
+                                   **options, **logit_options)
+    unfused = CrossEntropyLoss(weight=data["class_weight"], **options)
+    hidden, weight = to_ms(data["hidden"]), to_ms(data["weight"])
+    bias = None if data["bias"] is None else to_ms(data["bias"])
+    label = ms.Tensor(data["target"].astype(np.int32))
+    mask = ms.Tensor(data["mask"])
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def fused_loss(h, w, b):
+        return first(fused(h, w, label, mask, b)).sum()
+
+    def unfused_loss(h, w, b):
+        return first(unfused(unfused_logits(h, w, b, logit_options), label, mask)).sum()
+
+    positions = (0, 1) if bias is None else (0, 1, 2)
+    fused_grads = ms.grad(fused_loss, grad_position=positions)(hidden, weight, bias)
+    unfused_grads = ms.grad(unfused_loss, grad_position=positions)(hidden, weight, bias)
+    fused_out = fused(hidden, weight, label, mask, bias)
+    unfused_out = unfused(unfused_logits(hidden, weight, bias, logit_options), label, mask)
+    fused_out = fused_out if isinstance(fused_out, tuple) else (fused_out,)
+    unfused_out = unfused_out if isinstance(unfused_out, tuple) else (unfused_out,)
+    for ours, theirs in zip(fused_out, unfused_out):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == ms.float32
+        assert_close(to_numpy(ours), to_numpy(theirs), ms.float32, "unfused value")
+    for ours, theirs in zip(fused_grads, unfused_grads):
+        assert_close_to_peak(to_numpy(ours), to_numpy(theirs), ms.float32, "unfused gradient")
+
+    reduction = options.get("reduction", "mean")
+    reduction = "per_token" if options.get("calculate_per_token_loss") else reduction
+    expected, expected_grads = torch_linear_cross_entropy(
+        data["hidden"], data["weight"], data["target"], bias=data["bias"],
+        class_weight=data["class_weight"], mask=data["mask"], reduction=reduction,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        zloss_scale=options.get("lse_square_scale_for_zloss", 0.0),
+        softcap=logit_options.get("logit_softcap", 0.0),
+        scale=logit_options.get("logit_scale", 1.0), guard=1e-8)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for ours, theirs in zip(fused_out, expected):
+        assert_close(to_numpy(ours).reshape(np.shape(theirs)), theirs, ms.float32, "oracle")
+    for ours, name in zip(fused_grads, ("hidden", "weight", "bias")):
+        assert_close_to_peak(to_numpy(ours), expected_grads[name], ms.float32, name)
+
+
+def test_cell_flattens_leading_dims(mode):
+    data = make_data(n_rows=12, mask=True)
+    cell = LinearCrossEntropyLoss(chunk_size=CHUNK)
+    flat = cell(to_ms(data["hidden"]), to_ms(data["weight"]), ms.Tensor(data["target"]),
+                ms.Tensor(data["mask"]))
+    batched = cell(to_ms(data["hidden"].reshape(2, 6, H)), to_ms(data["weight"]),
+                   ms.Tensor(data["target"].reshape(2, 6)), ms.Tensor(data["mask"].reshape(2, 6)))
+    assert batched.shape == (1,)
+    assert_close(to_numpy(batched), to_numpy(flat), ms.float32, "batched")
+
+
+def test_cell_nan_check_raises():
+    data = make_data()
+    data["hidden"][3, 0] = np.nan
+    cell = LinearCrossEntropyLoss(check_for_nan_in_loss_and_grad=True)
+    with pytest.raises(RuntimeError, match="loss is not finite"):
+        cell(to_ms(data["hidden"]), to_ms(data["weight"]), ms.Tensor(data["target"]))
+
+
+def test_automatic_layout_follows_the_budget():
+    """The chunk (2 float32 [rows, V] buffers, 4 with the softcap) and the two [block, H] float32
+    temporaries of the weight-gradient accumulation each fit 1/16 of the float32 logits, within
+    [64 MiB, 256 MiB]; the vocabulary splits into equal blocks; chunk_size sets the budget."""
+    assert MIN_WORKSPACE == 64 << 20 and MAX_WORKSPACE == 256 << 20
+    assert chunk_layout("api", 8192, 1024, 32000, 0.0, None) == (
+        MIN_WORKSPACE // (32000 * 8), 8000)
+    assert chunk_layout("api", 8192, 1024, 32000, 30.0, None) == (
+        MIN_WORKSPACE // (32000 * 16), 8000)
+    budget = 4096 * 128256 * 4 // 16
+    assert chunk_layout("api", 4096, 1024, 128256, 0.0, None) == (
+        budget // (128256 * 8), 128256 // 8)
+    assert chunk_layout("api", 65536, 1024, 128256, 0.0, None) == (
+        MAX_WORKSPACE // (128256 * 8), 128256 // 4)
+    assert chunk_layout("api", 10, 8, 37, 0.0, None) == (10, 37)
+    assert chunk_layout("api", N, H, V, 0.0, CHUNK) == (CHUNK, 6)
+    assert chunk_layout("api", N, H, V, 0.0, 100) == (N, V)
+
+
+BAD_INPUTS = {  # keyword overrides -> (exception, message pattern)
+    "hidden-rank": ({"hidden": np.zeros((2, 3, H), np.float32)}, ValueError,
+                    "`hidden` must be 2-D"),
+    "weight-columns": ({"weight": np.zeros((V, H + 1), np.float32)}, ValueError,
+                       f"must have H = {H} columns"),
+    "target-dtype": ({"target": np.zeros(N, np.float32)}, TypeError,
+                     "`target` must be int32 or int64"),
+    "target-length": ({"target": np.zeros(N + 1, np.int64)}, ValueError, r"shape \(13,\)"),
+    "target-value": ({"target": np.full(N, V, np.int64)}, ValueError,
+                     f"value {V} at position 0 is outside"),
+    "bias-shape": ({"bias": np.zeros(V + 1, np.float32)}, ValueError, r"`bias` must have shape"),
+    "class-weight-negative": ({"class_weight": -np.ones(V, np.float32)}, ValueError,
+                              "`class_weight` must be finite and non-negative"),
+    "mask-shape": ({"input_mask": np.ones(N + 2, np.float32)}, ValueError, "`input_mask`"),
+    "softcap": ({"logit_softcap": -1.0}, ValueError, "`logit_softcap` must be >= 0"),
+    "scale": ({"logit_scale": 0.0}, ValueError, "`logit_scale` must be non-zero"),
+    "chunk-size": ({"chunk_size": 0}, ValueError, "`chunk_size` must be a positive int"),
+    "reduction": ({"reduction": "avg"}, ValueError, "`reduction` must be one of"),
+    "per-token-none": ({"return_per_token": True, "reduction": "none"}, ValueError,
+                       "return_per_token=True"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_raise_naming_the_argument(case):
+    overrides, error, pattern = case
+    data = make_data()
+    arguments = {"hidden": data["hidden"], "weight": data["weight"], "target": data["target"]}
+    arguments.update(overrides)
+    arguments = {key: ms.Tensor(value) if isinstance(value, np.ndarray) else value
+                 for key, value in arguments.items()}
+    with pytest.raises(error, match=re.compile(rf"linear_cross_entropy: .*{pattern}")):
+        linear_cross_entropy(**arguments)
+
+
+def test_bad_input_is_reported_when_the_graph_compiles():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    data = make_data()
+    cell = LossCell(ms.Tensor(data["target"][:-1]), None, None, ms.Tensor(np.float32(1.0)), {})
+    with pytest.raises(ValueError, match=r"`target` must have shape \(13,\)"):
+        cell(to_ms(data["hidden"]), to_ms(data["weight"]), None)
+
+
+def test_cell_rejects_vocabulary_parallel():
+    with pytest.raises(NotImplementedError, match="model_parallel = 2"):
+        LinearCrossEntropyLoss(parallel_config={"data_parallel": 1, "model_parallel": 2})
+
+
+class TinyLanguageModel(nn.Cell):
+    """A projection to hidden states and an lm_head weight [V, H]; the loss gets both (fused) or
+    the logits (unfused)."""
+
+    def __init__(self, fused, seed=7):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.projection = ms.Parameter(to_ms(rng.standard_normal((H, H)) / np.sqrt(H)),
+                                       name="projection")
+        self.lm_head = ms.Parameter(to_ms(rng.standard_normal((V, H)) / np.sqrt(H)),
+                                    name="lm_head")
+        self.fused = fused
+        options = {"label_smoothing": 0.1, "lse_square_scale_for_zloss": 0.01}
+        self.loss = (LinearCrossEntropyLoss(chunk_size=CHUNK, **options) if fused
+                     else CrossEntropyLoss(**options))
+
+    def construct(self, features, label, mask):
+        hidden = ops.tanh(ops.matmul(features, self.projection))
+        if self.fused:
+            return self.loss(hidden, self.lm_head, label, mask)
+        return self.loss(ops.matmul(hidden, self.lm_head.T), label, mask)
+
+
+def test_training_steps_match_the_unfused_model(mode):
+    """TrainOneStepCell + SGD: the lm_head Parameter gets the fused gradient; three steps give
+    the same losses and parameters as the unfused model."""
+    data = make_data(mask=True, ignore_fraction=0.2)
+    features, label, mask = to_ms(data["hidden"]), ms.Tensor(data["target"]), ms.Tensor(
+        data["mask"])
+    runs = []
+    for fused in (True, False):
+        model = TinyLanguageModel(fused)
+        step = nn.TrainOneStepCell(model, nn.SGD(model.trainable_params(), learning_rate=0.5))
+        losses = [float(step(features, label, mask).asnumpy()[0]) for _ in range(3)]
+        runs.append((losses, model.lm_head.asnumpy(), model.projection.asnumpy()))
+    (fused_losses, fused_head, fused_projection), (losses, head, projection) = runs
+    assert fused_losses[-1] < fused_losses[0]
+    np.testing.assert_allclose(fused_losses, losses, rtol=2e-5)
+    np.testing.assert_allclose(fused_head, head, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(fused_projection, projection, rtol=2e-5, atol=2e-6)
