@@ -136,14 +136,8 @@ def test_label_smoothing_does_not_count_ignored_rows(reduction):
     assert_close_to_peak(grad[kept], ref["grad"], ms.float32, "grad of kept rows", ref["grad_unit"])
 
 
-VOCAB_PARALLEL_SMOOTHING_NAN = (
-    "bug (reported; ms_xent/ops/vocab_parallel_op.py, forward): the smoothing term is added as "
-    "smooth * counted * (W * lse - x @ w), so an ignored row (counted = 0) whose logits hold -inf "
-    "(padding over a masked vocabulary) gives 0 * inf = NaN. tests/test_fuzz.py keeps such rows "
-    "out of its vocab-parallel cases until this is fixed (VOCAB_PARALLEL_SMOOTHING_NAN there).")
 
 
-@pytest.mark.xfail(strict=True, reason=VOCAB_PARALLEL_SMOOTHING_NAN)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_label_smoothing_ignored_row_with_minus_inf_logits_vocab_parallel(dtype_name):
     """pytorch/pytorch#73205 in the vocabulary-parallel path (one process): an ignored row must
@@ -500,14 +494,8 @@ def test_int32_targets_with_ignore_index_beyond_int32():
                              f"grad {index.__name__}", ref["grad_unit"])
 
 
-VOCAB_PARALLEL_INT32_WRAP = (
-    "bug (reported; ms_xent/ops/vocab_parallel_op.py): int32 targets are compared with "
-    "ignore_index as an int32 tensor, so ignore_index = 2**40 wraps to 0 and every row of class 0 "
-    "is treated as ignored (row_weight 0, loss 0). tests/test_fuzz.py keeps this out of its "
-    "vocab-parallel cases until fixed (VOCAB_PARALLEL_INT32_WRAP there).")
 
 
-@pytest.mark.xfail(strict=True, reason=VOCAB_PARALLEL_INT32_WRAP)
 def test_int32_targets_with_ignore_index_beyond_int32_vocab_parallel():
     """The same as above through vocab_parallel_cross_entropy_rows (one process)."""
     from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows

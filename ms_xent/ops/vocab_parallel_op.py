@@ -97,10 +97,15 @@ class VocabParallelRows(nn.Cell):
             self.all_gather = ops.AllGather(group)
             self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group)
 
+    def _not_ignored(self, target):
+        """target != ignore_index, compared in int64: MindSpore casts a Python int to the tensor's
+        dtype, so against int32 targets an ignore_index beyond int32 would wrap (2**40 -> 0)."""
+        return self.cast(target, ms.int64) != self.ignore_index
+
     def _local_target(self, target, shard_classes):
         """(local target, o_r as bool): y - v_r where this rank owns y, NOT_OWNED elsewhere."""
         local = target - self.vocab_start
-        owned = (local >= 0) & (local < shard_classes) & (target != self.ignore_index)
+        owned = (local >= 0) & (local < shard_classes) & self._not_ignored(target)
         return ops.select(owned, local, ops.full_like(local, NOT_OWNED)), owned
 
     def _global_lse(self, lse_r):
@@ -141,7 +146,7 @@ class VocabParallelRows(nn.Cell):
         else:
             local_target, owns = self._local_target(target, shard_classes)
             loss_r, lse_r, mass_r = self.forward(logits, local_target, weight)
-            counted = (target != self.ignore_index).astype(F32)
+            counted = self._not_ignored(target).astype(F32)
         lse = self._global_lse(lse_r)
         # loss_r + rho_r (lse - lse_r) on the owning rank only: elsewhere lse_r may be -inf.
         target_r = ops.select(owns, loss_r + mass_r * (lse - lse_r), ops.full_like(lse, 0.0))
@@ -155,7 +160,9 @@ class VocabParallelRows(nn.Cell):
         lse_coefficient = (1.0 - self.label_smoothing) * (mass - mass_r)
         if self.label_smoothing > 0:
             weighted_logits, total_weight = summed[3], summed[4]
-            loss_rows = loss_rows + self.smooth * counted * (total_weight * lse - weighted_logits)
+            # Selected, not multiplied by `counted`: an ignored row may hold -inf logits (0 * inf).
+            smoothing = self.smooth * (total_weight * lse - weighted_logits)
+            loss_rows = loss_rows + ops.select(counted > 0, smoothing, ops.full_like(lse, 0.0))
             lse_coefficient = lse_coefficient + self.smooth * total_weight
         lse_coefficient = counted * lse_coefficient
         if self.soft:
