@@ -13,16 +13,17 @@ from mindspore import nn, ops
 
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
-from ms_xent.ops.linear_cross_entropy import (MAX_WORKSPACE, MIN_WORKSPACE, chunk_layout,
+from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_WORKSPACE, MIN_CHUNK_ROWS,
+                                              MIN_WORKSPACE, chunk_layout,
                                               linear_cross_entropy)
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
 MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 IGNORE_INDEX = -100
-# N rows (not a multiple of CHUNK), H hidden, V vocabulary (prime). With H > 4 * CHUNK the
-# PYNATIVE weight-gradient accumulation is split into vocabulary blocks (6 x 6 rows and 1).
-N, H, V, CHUNK = 13, 24, 37, 4
+# N rows (not a multiple of CHUNK), H hidden, V vocabulary (prime). With these sizes the PYNATIVE
+# weight-gradient accumulation is split into vocabulary blocks (4 blocks of 8 rows and 1 of 5).
+N, H, V, CHUNK = 13, 8, 37, 4
 UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stored gradients
 # The softcap's derivative 1 - tanh^2 is taken from the float32 capped logits (as autodiff of
 # tanh does): near +-cap the rounding of tanh (6e-8) is amplified in 1 - tanh^2, which widens the
@@ -63,48 +64,50 @@ def make_data(n_rows=N, seed=0, ignore_fraction=0.0, mask=False, bias=False,
 
 
 class LossCell(nn.Cell):
-    """sum(upstream * loss) of linear_cross_entropy (numerator only for per-token outputs)."""
+    """linear_cross_entropy's output (``raw``) or sum(upstream * loss), the numerator only for
+    per-token outputs (compiled in GRAPH mode)."""
 
-    def __init__(self, target, class_weight, mask, upstream, options):
+    def __init__(self, target, class_weight, mask, upstream, options, raw=False):
         super().__init__()
         self.target = target
         self.class_weight = class_weight
         self.mask = mask
         self.upstream = upstream
         self.options = options
-
-    def loss(self, hidden, weight, bias):
-        return linear_cross_entropy(hidden, weight, self.target, bias=bias,
-                                    class_weight=self.class_weight, input_mask=self.mask,
-                                    **self.options)
+        self.raw = raw
 
     def construct(self, hidden, weight, bias):
-        out = self.loss(hidden, weight, bias)
+        out = linear_cross_entropy(hidden, weight, self.target, bias=bias,
+                                   class_weight=self.class_weight, input_mask=self.mask,
+                                   **self.options)
+        if self.raw:
+            return out
         if self.options.get("return_per_token", False):
             return out[0] * self.upstream
         return (out * self.upstream).sum()
 
 
 def run_fused(data, options, dtype, upstream):
-    """(loss as returned, {"hidden", "weight", "bias"} gradients), float64 numpy."""
-    tensors = {name: None if data[name] is None else to_ms(data[name], dtype)
-               for name in ("hidden", "weight", "bias")}
-    cell = LossCell(ms.Tensor(data["target"]),
-                    None if data["class_weight"] is None else ms.Tensor(data["class_weight"]),
-                    None if data["mask"] is None else ms.Tensor(data["mask"]),
-                    ms.Tensor(np.asarray(upstream, np.float32)), options)
-    positions = (0, 1, 2) if tensors["bias"] is not None else (0, 1)
-    _, grads = ms.value_and_grad(cell, grad_position=positions)(
-        tensors["hidden"], tensors["weight"], tensors["bias"])
-    for grad, name in zip(grads, ("hidden", "weight", "bias")):
-        assert grad.dtype == dtype and grad.shape == tensors[name].shape, name
-    loss = cell.loss(tensors["hidden"], tensors["weight"], tensors["bias"])
+    """(loss as returned by a plain call, sum(upstream * loss) as seen by autodiff,
+    {"hidden", "weight", "bias"} gradients), float64 numpy."""
+    tensors = [None if data[name] is None else to_ms(data[name], dtype)
+               for name in ("hidden", "weight", "bias")]
+    arguments = (ms.Tensor(data["target"]),
+                 None if data["class_weight"] is None else ms.Tensor(data["class_weight"]),
+                 None if data["mask"] is None else ms.Tensor(data["mask"]),
+                 ms.Tensor(np.asarray(upstream, np.float32)), options)
+    positions = (0, 1, 2) if tensors[2] is not None else (0, 1)
+    weighted, grads = ms.value_and_grad(LossCell(*arguments), grad_position=positions)(*tensors)
+    for grad, tensor in zip(grads, tensors):
+        assert grad.dtype == dtype and grad.shape == tensor.shape
+    loss = LossCell(*arguments, raw=True)(*tensors)
     if isinstance(loss, tuple):
         loss = tuple(to_numpy(part) for part in loss)
     else:
         assert loss.dtype == ms.float32
         loss = to_numpy(loss)
-    return loss, dict(zip(("hidden", "weight", "bias"), (to_numpy(g) for g in grads)))
+    return loss, to_numpy(weighted), dict(zip(("hidden", "weight", "bias"),
+                                             (to_numpy(g) for g in grads)))
 
 
 def oracle(data, options, dtype, upstream):
@@ -124,13 +127,15 @@ def oracle(data, options, dtype, upstream):
 
 def check_against_oracle(data, options, dtype_name="float32", upstream=UPSTREAM):
     dtype = DTYPES[dtype_name]
-    loss, grads = run_fused(data, options, dtype, upstream)
+    loss, weighted, grads = run_fused(data, options, dtype, upstream)
     expected_loss, expected_grads = oracle(data, options, dtype, upstream)
     if isinstance(expected_loss, tuple):
         assert_close(loss[0], expected_loss[0], dtype, "numerator")
         assert_close(loss[1], expected_loss[1], dtype, "denominator")
+        expected_loss = expected_loss[0]
     else:
         assert_close(loss, expected_loss, dtype, "loss")
+    assert_close(weighted, (np.asarray(upstream) * expected_loss).sum(), dtype, "under autodiff")
     widen = SOFTCAP_GRAD_SCALE if options.get("logit_softcap", 0.0) > 0 else 1.0
     rtol, atol = TOLERANCE[dtype]
     for name, grad in grads.items():
@@ -197,8 +202,9 @@ def test_single_row(mode, reduction):
 def test_every_row_ignored_gives_zero_loss_and_gradient(mode):
     data = make_data(bias=True)
     data["target"][:] = IGNORE_INDEX
-    loss, grads = run_fused(data, dict(ALL_OPTIONS, chunk_size=CHUNK), ms.float32, UPSTREAM)
-    assert float(loss) == 0.0
+    loss, weighted, grads = run_fused(data, dict(ALL_OPTIONS, chunk_size=CHUNK), ms.float32,
+                                      UPSTREAM)
+    assert float(loss) == 0.0 and float(weighted) == 0.0
     for name, grad in grads.items():
         assert not grad.any(), name
 
@@ -323,21 +329,22 @@ def test_cell_nan_check_raises():
 
 
 def test_automatic_layout_follows_the_budget():
-    """The chunk (2 float32 [rows, V] buffers, 4 with the softcap) and the two [block, H] float32
-    temporaries of the weight-gradient accumulation each fit 1/16 of the float32 logits, within
-    [64 MiB, 256 MiB]; the vocabulary splits into equal blocks; chunk_size sets the budget."""
-    assert MIN_WORKSPACE == 64 << 20 and MAX_WORKSPACE == 256 << 20
+    """The chunk (2 float32 [rows, V] buffers, 4 with the softcap) fits 1/16 of the float32
+    logits within [64 MiB, 256 MiB], with at least 256 rows while 256 MiB allows; each [block, H]
+    float32 temporary of the weight-gradient accumulation fits a quarter of the chunk's working
+    set and 32 MiB, in equal blocks; chunk_size overrides the rows."""
+    assert (MIN_WORKSPACE, MAX_WORKSPACE, MIN_CHUNK_ROWS, MAX_BLOCK_BYTES) == (
+        64 << 20, 256 << 20, 256, 32 << 20)
     assert chunk_layout("api", 8192, 1024, 32000, 0.0, None) == (
-        MIN_WORKSPACE // (32000 * 8), 8000)
-    assert chunk_layout("api", 8192, 1024, 32000, 30.0, None) == (
-        MIN_WORKSPACE // (32000 * 16), 8000)
-    budget = 4096 * 128256 * 4 // 16
-    assert chunk_layout("api", 4096, 1024, 128256, 0.0, None) == (
-        budget // (128256 * 8), 128256 // 8)
+        MIN_WORKSPACE // (32000 * 8), 4000)
+    assert chunk_layout("api", 8192, 1024, 32000, 30.0, None) == (256, 8000)
+    assert chunk_layout("api", 4096, 1024, 128256, 0.0, None) == (256, 128256 // 16)
     assert chunk_layout("api", 65536, 1024, 128256, 0.0, None) == (
-        MAX_WORKSPACE // (128256 * 8), 128256 // 4)
+        MAX_WORKSPACE // (128256 * 8), 128256 // 16)
+    assert chunk_layout("api", 4096, 4096, 256000, 0.0, None) == (
+        MAX_WORKSPACE // (256000 * 8), 2048)
     assert chunk_layout("api", 10, 8, 37, 0.0, None) == (10, 37)
-    assert chunk_layout("api", N, H, V, 0.0, CHUNK) == (CHUNK, 6)
+    assert chunk_layout("api", N, H, V, 0.0, CHUNK) == (CHUNK, 8)
     assert chunk_layout("api", N, H, V, 0.0, 100) == (N, V)
 
 
