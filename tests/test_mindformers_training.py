@@ -25,6 +25,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper import MFTrainOneStepCell
 
 from ms_xent.mindformers.models import MsXentLlamaForCausalLM, build_model_loss
+from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 from ms_xent.mindformers.train_step import MsXentTrainOneStepCell
 from ms_xent.mindformers.training import DeviceUnavailableError, load_config, pattern_corpus
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
@@ -212,6 +213,26 @@ def test_forward_and_gradients_match_mindformers_llama(mode):
     np.testing.assert_array_equal(grads[0][0].asnumpy(), grads[1][0].asnumpy(), err_msg=mode)
     for expected, actual in zip(grads[0][1], grads[1][1]):
         np.testing.assert_array_equal(actual.asnumpy(), expected.asnumpy(), err_msg=mode)
+
+
+def test_fused_linear_loss_from_yaml_matches_the_logits_loss(mode):
+    """model_config.loss = MsXentLinearCrossEntropyLoss: same loss and gradients as computing the
+    logits with lm_head and applying CrossEntropyLoss, without forming the logits."""
+    reference = tiny_llama(loss={"type": "MsXentCrossEntropyLoss", "label_smoothing": 0.1})
+    network = tiny_llama(loss={"type": "MsXentLinearCrossEntropyLoss", "label_smoothing": 0.1})
+    assert isinstance(network.loss, LinearCrossEntropyLoss) and network.fused_linear_loss
+    ms.load_param_into_net(network, reference.parameters_dict())
+    tokens = ms.Tensor(token_batches(1)[0])
+    for cell in (reference, network):
+        cell.set_train(True)
+    (expected, expected_grads), (actual, actual_grads) = [
+        ms.value_and_grad(cell, None, cell.trainable_params())(tokens)
+        for cell in (reference, network)]
+    np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-6, err_msg=mode)
+    for want, got in zip(expected_grads, actual_grads):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4,
+                                   atol=1e-6 * max(np.abs(want.asnumpy()).max(), 1e-30),
+                                   err_msg=mode)
 
 
 def test_training_steps_match_mindformers_loss(mode):

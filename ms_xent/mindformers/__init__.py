@@ -41,10 +41,12 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ms_xent.nn.bce_with_logits_loss import BCEWithLogitsLoss
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 
 LOSS_ALIASES = {
     "MsXentCrossEntropyLoss": CrossEntropyLoss,
     "MsXentBCEWithLogitsLoss": BCEWithLogitsLoss,
+    "MsXentLinearCrossEntropyLoss": LinearCrossEntropyLoss,
 }
 
 

@@ -30,6 +30,7 @@ from mindformers.models.llama import LlamaForCausalLM
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 
 DEFAULT_LOSS_CONFIG = {"type": CrossEntropyLoss}
 
@@ -89,6 +90,8 @@ class MsXentLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config=config)
         self.loss = build_model_loss(config)
+        # A fused linear + cross-entropy loss takes the hidden states and lm_head's weight.
+        self.fused_linear_loss = isinstance(self.loss, LinearCrossEntropyLoss)
 
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None,
                   attention_mask=None, input_embeds=None, init_reset=None, batch_valid_length=None,
@@ -146,9 +149,14 @@ class MsXentLlamaForCausalLM(LlamaForCausalLM):
         """The training loss from the decoder's final hidden states [B, S, H] (or [N, H]).
 
         Projects to the vocabulary with ``lm_head`` and applies ``self.loss(logits [N, V] float32,
-        labels [N], input_mask [N])``. A loss taking ``(hidden_states [N, H], lm_head weight,
-        labels, input_mask)`` instead of logits plugs in here.
+        labels [N], input_mask [N])``; with a ``LinearCrossEntropyLoss`` (YAML ``loss: {type:
+        MsXentLinearCrossEntropyLoss}``) the logits are never formed: the loss gets
+        ``(hidden_states [N, H], lm_head weight [V, H], labels, input_mask)``.
         """
+        if self.fused_linear_loss:
+            weight = self.lm_head.weight
+            hidden = self.reshape(hidden_states, (-1, hidden_states.shape[-1]))
+            return self.loss(self.cast(hidden, weight.dtype), weight, labels, input_mask)
         logits = self.lm_head(hidden_states)
         logits = self.cast(self.reshape(logits, (-1, logits.shape[-1])), mstype.float32)
         return self.loss(logits, labels, input_mask)
