@@ -19,7 +19,6 @@ from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_WORKSPACE, MI
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 IGNORE_INDEX = -100
 # N rows (not a multiple of CHUNK), H hidden, V vocabulary (prime). With these sizes the PYNATIVE
 # weight-gradient accumulation is split into vocabulary blocks (4 blocks of 8 rows and 1 of 5).
@@ -29,18 +28,6 @@ UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stor
 # tanh does): near +-cap the rounding of tanh (6e-8) is amplified in 1 - tanh^2, which widens the
 # gradient tolerance of softcapped cases in float32 (observed up to 1.5e-5 of the peak).
 SOFTCAP_GRAD_SCALE = 10.0
-
-
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@pytest.fixture(params=tuple(MODES), name="mode")
-def mode_fixture(request):
-    ms.set_context(mode=MODES[request.param])
-    return request.param
 
 
 def make_data(n_rows=N, seed=0, ignore_fraction=0.0, mask=False, bias=False,

@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import constexpr
 
+from ms_xent.ops.cross_entropy import sum_rows
 from ms_xent.ops.linear_cross_entropy_op import (FLOAT32_BYTES, linear_cross_entropy_rows,
                                                  linear_cross_entropy_sum, live_row_buffers)
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
@@ -288,7 +289,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
         return linear_cross_entropy_rows(static, layout, hidden, weight, bias, target,
                                          class_weight, row_coef, z_coef)
 
-    denominator = ops.stop_gradient(row_weight.sum()) + denominator_guard
+    denominator = ops.stop_gradient(sum_rows(row_weight)) + denominator_guard
     if reduction == "mean" and not return_per_token:
         row_coef = _divide_rows(row_coef, denominator)
         z_coef = _divide_rows(z_coef, denominator)

@@ -53,6 +53,7 @@ from mindspore.graph.api import _pynative_executor
 from mindspore.ops import constexpr
 
 from ms_xent.ops.aot_primitive import cached_primitive
+from ms_xent.ops.cross_entropy import sum_rows
 from ms_xent.ops.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
 from ms_xent.ops.validation import executing_eagerly
 
@@ -370,7 +371,7 @@ class _EagerSum(_Function):
                                        class_weight, row_coef, z_coef)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
-        return values.sum()
+        return sum_rows(values)
 
     @staticmethod
     def backward(ctx, dout):
