@@ -155,8 +155,10 @@ ALL_OPTIONS = {"reduction": "mean", "label_smoothing": 0.05, "lse_square_scale_f
                "return_zloss": True}
 
 
+# (1025, 16385): a float32 gradient above 64 MiB takes the backward's streaming-store path
+# (kStreamingStoreBytes), with rows starting at every offset within a 64-byte line.
 @pytest.mark.parametrize("n_rows,n_classes", [(1, 1), (5, 1), (3, 17), (64, 16), (257, 33),
-                                              (2, 70001), (4, 2049)])
+                                              (2, 70001), (4, 2049), (1025, 16385)])
 def test_shapes(n_rows, n_classes):
     x, t, w = make_case(n_rows, n_classes, seed=4, ignore_fraction=0.2)
     result = run_op("pynative", x, t, w, ALL_OPTIONS, ms.float32)

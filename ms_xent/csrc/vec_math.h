@@ -106,18 +106,4 @@ inline float Log1pUnit(float u) {
   return 2.0f * s + 2.0f * s * (p * s2);
 }
 
-// Largest element of row[begin, end) in float32 (NaN may be skipped here; callers pick it up
-// through the sum of exponentials, which a NaN turns into NaN). `omp simd reduction` lets the
-// compiler keep one running max per vector lane without -ffast-math.
-template <typename T>
-inline float BlockMax(const T *row, int64_t begin, int64_t end) {
-  float block_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : block_max)
-  for (int64_t c = begin; c < end; ++c) {
-    const float v = ToFloat(row[c]);
-    block_max = v > block_max ? v : block_max;
-  }
-  return block_max;
-}
-
 }  // namespace ms_xent

@@ -319,9 +319,11 @@ def check_finite(kernels, symbol, outputs, what):
 
 def run_cross_entropy_canaries(kernels, rng):
     """Every kernel on finite inputs with canary-padded buffers, for every dtype, C around the
-    16-lane vector width and the 2048 block, and N * C above the OpenMP threshold."""
+    16-lane vector width and the 2048 block, and N * C above the OpenMP threshold; and a float32
+    gradient above 64 MiB (the backward's streaming stores, rows at every offset in a line)."""
     shapes = [(3, 1), (2, 15), (2, 16), (2, 17), (5, 31), (2, 2047), (1, 2049), (301, 131)]
-    for dtype, (n, c) in itertools.product(FLOAT_DTYPES, shapes):
+    cases = list(itertools.product(FLOAT_DTYPES, shapes)) + [("float32", (1025, 16385))]
+    for dtype, (n, c) in cases:
         attrs = {"ignore_index": -100, "label_smoothing": 0.1, "weighted": True}
         what = f"canary {dtype} N={n} C={c}"
         x = rng.standard_normal((n, c)) * 3
