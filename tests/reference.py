@@ -46,6 +46,25 @@ def assert_close(actual, expected, dtype, what="", scale=1.0):
                                atol=atol * scale, err_msg=what)
 
 
+IGNORE_INDEX = -100
+
+
+def make_case(n_rows, n_classes, seed, ignore_fraction=0.0, soft=False, offset=0.0):
+    """Random float32 logits [N, C] (std 3, plus ``offset``), targets (class indices with about
+    ``ignore_fraction`` of them IGNORE_INDEX, or with ``soft`` probability rows) and positive
+    class weights [C]."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n_rows, n_classes)) * 3 + offset).astype(np.float32)
+    if soft:
+        t = rng.random((n_rows, n_classes)).astype(np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, n_classes, n_rows).astype(np.int64)
+        t[rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
+    w = (rng.random(n_classes) + 0.25).astype(np.float32)
+    return x, t, w
+
+
 def _log_softmax(x):
     shifted = x - x.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

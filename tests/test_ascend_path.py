@@ -27,10 +27,10 @@ from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, Cust
 
 from ms_xent.ops import (ascend_op, backend, binary_cross_entropy_with_logits, composed,
                          cross_entropy_loss, cross_entropy_loss_grad, cross_entropy_rows)
-from tests.reference import (assert_close, assert_close_to_peak, numpy_cross_entropy,
-                             rounded, to_ms, to_numpy, torch_bce_with_logits, torch_cross_entropy)
+from tests.reference import (IGNORE_INDEX, assert_close, assert_close_to_peak, make_case,
+                             numpy_cross_entropy, rounded, to_ms, to_numpy, torch_bce_with_logits,
+                             torch_cross_entropy)
 
-IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
 SEEDS_DIR = os.environ.get("MS_XENT_SEEDS_DIR", "/work/shared/seeds")
 
@@ -361,19 +361,6 @@ def fixture_ascend(monkeypatch, tmp_path):
     def prefer(choice):
         monkeypatch.setattr(backend, "preferred_backend", constant(choice))
     return prefer
-
-
-def make_case(n_rows, n_classes, seed, ignore_fraction=0.0, soft=False):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n_rows, n_classes)) * 3).astype(np.float32)
-    if soft:
-        t = rng.random((n_rows, n_classes)).astype(np.float32)
-        t /= t.sum(axis=1, keepdims=True)
-    else:
-        t = rng.integers(0, n_classes, n_rows).astype(np.int64)
-        t[rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
-    w = (rng.random(n_classes) + 0.25).astype(np.float32)
-    return x, t, w
 
 
 class LossCell(nn.Cell):

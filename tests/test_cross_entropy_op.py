@@ -10,24 +10,10 @@ import mindspore as ms
 from mindspore import nn
 
 from ms_xent.ops import cross_entropy_loss, cross_entropy_loss_grad, cross_entropy_rows
-from tests.reference import (DTYPES, assert_close, assert_close_to_peak, numpy_cross_entropy,
-                             rounded, to_ms, to_numpy, torch_cross_entropy)
+from tests.reference import (DTYPES, IGNORE_INDEX, assert_close, assert_close_to_peak, make_case,
+                             numpy_cross_entropy, rounded, to_ms, to_numpy, torch_cross_entropy)
 
 REDUCTIONS = ("mean", "sum", "none")
-IGNORE_INDEX = -100
-
-
-def make_case(n_rows, n_classes, seed, ignore_fraction=0.0, soft=False, offset=0.0):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n_rows, n_classes)) * 3 + offset).astype(np.float32)
-    if soft:
-        t = rng.random((n_rows, n_classes)).astype(np.float32)
-        t /= t.sum(axis=1, keepdims=True)
-    else:
-        t = rng.integers(0, n_classes, n_rows).astype(np.int64)
-        t[rng.random(n_rows) < ignore_fraction] = IGNORE_INDEX
-    w = (rng.random(n_classes) + 0.25).astype(np.float32)
-    return x, t, w
 
 
 class OpCell(nn.Cell):

@@ -20,7 +20,7 @@
 // prefetches never fault, so a lead past the end of a row or buffer is harmless).
 //
 // The AVX-512 exp uses the same range reduction and polynomial as FastExp
-//   exp(x) = 2^k * exp(r), k = round(x log2 e), r = x - k ln 2, exp(r) by the Cephes polynomial,
+//   exp(x) = 2^k * exp(r), k = round(x log2 e), r = x - k ln 2, exp(r) = 1 + r (1 + r P(r)),
 // but applies 2^k with vscalefps, which saturates to +inf / 0 by itself. Inputs are first clamped
 // to [-200, 200] with the NaN-preserving operand order (max/min return their second operand when
 // either is NaN): -inf -> exp(-200) = 0 exactly (2^-289 underflows to 0), +inf -> inf, NaN -> NaN.
@@ -54,19 +54,21 @@ inline void PrefetchAhead32(const T *p) {
   if (sizeof(T) == 4) _mm_prefetch(ahead + 64, _MM_HINT_T0);
 }
 
+// kClampAbove = false skips the upper clamp: only for callers that discard the result whenever an
+// input exceeds 200 (then +inf, or for inputs beyond ~2^23 any non-finite value, comes out).
+template <bool kClampAbove = true>
 inline __m512 Exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(200.0f), x);
+  if (kClampAbove) x = _mm512_min_ps(_mm512_set1_ps(200.0f), x);
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 p = _mm512_set1_ps(kExpP4);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP0));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, k);
@@ -198,7 +200,9 @@ inline float SumExpImpl(const T *row, int64_t begin, int64_t end, float shift, f
   aux0 = aux1 = kMode == SumExpMode::kWithMax ? _mm512_set1_ps(-std::numeric_limits<float>::infinity())
                                               : _mm512_setzero_ps();
   auto add16 = [&](__m512 x, __mmask16 mask, __m512 &acc, __m512 &aux) {
-    const __m512 e = Exp16(_mm512_sub_ps(x, vshift));
+    // kWithMax: a sum with any x - shift > kDominantMargin (4) is discarded by the caller
+    // (RowLogSumExp), so the upper clamp is not needed.
+    const __m512 e = Exp16<kMode != SumExpMode::kWithMax>(_mm512_sub_ps(x, vshift));
     if (kMode == SumExpMode::kCountShift) {
       const __mmask16 at_shift = _mm512_mask_cmp_ps_mask(mask, x, vshift, _CMP_EQ_OQ);
       aux = _mm512_mask_add_ps(aux, at_shift, aux, one);

@@ -11,8 +11,6 @@ MindFormers' models already pass [N, C] logits.
 MindFormers is not imported here; :mod:`ms_xent.mindformers` registers this Cell with MindFormers.
 """
 
-from collections.abc import Mapping
-
 import numpy as np
 import mindspore as ms
 from mindspore import log as logger
@@ -22,6 +20,8 @@ from mindspore.context import ParallelMode
 from mindspore.ops import constexpr
 from mindspore.parallel._utils import _get_parallel_mode
 
+from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
+                                       parallel_degrees, wants_per_token_output)
 from ms_xent.ops.cross_entropy import cross_entropy_rows, sum_rows
 from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
@@ -29,54 +29,6 @@ from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option
 API = "CrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
 DENOMINATOR_GUARD = 1e-8
-
-
-def _parallel_degree(parallel_config, name):
-    """``parallel_config.<name>`` read from an object or a mapping; 1 when absent."""
-    if isinstance(parallel_config, Mapping):
-        value = parallel_config.get(name)
-    else:
-        value = getattr(parallel_config, name, None)
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{API}: `parallel_config.{name}` must be a positive int, got {value!r}")
-    return int(value)
-
-
-def parallel_degrees(parallel_config):
-    """(data_parallel, model_parallel) from an OpParallelConfig, TransformerOpParallelConfig,
-    MindFormerConfig, plain dict or None (meaning 1, 1), read by duck typing."""
-    if parallel_config is None:
-        return 1, 1
-    names = ("data_parallel", "model_parallel")
-    if not isinstance(parallel_config, Mapping) and not any(
-            hasattr(parallel_config, name) for name in names):
-        raise TypeError(f"{API}: `parallel_config` must be an OpParallelConfig-like object or a "
-                        f"dict with data_parallel / model_parallel, got "
-                        f"{type(parallel_config).__name__}")
-    return tuple(_parallel_degree(parallel_config, name) for name in names)
-
-
-def _class_weight_tensor(weight):
-    """The class weights as a float32 [C] Tensor (None stays None); rejects negative entries."""
-    if weight is None:
-        return None
-    values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
-        weight, dtype=np.float32)
-    if values.ndim != 1:
-        raise ValueError(f"{API}: `weight` must be 1-D (one entry per class), got shape "
-                         f"{values.shape}")
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"{API}: `weight` entries must be finite and non-negative, got min "
-                         f"{values.min()} and max {values.max()}")
-    return ms.Tensor(values)
-
-
-def _check_flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{API}: `{name}` must be a bool, got {value!r}")
-    return bool(value)
 
 
 def _known(dim):
@@ -227,24 +179,17 @@ class CrossEntropyLoss(nn.Cell):
                  label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
                  group=None, **kwargs):
         super().__init__()
-        self.data_parallel, self.model_parallel = parallel_degrees(parallel_config)
-        self.check_for_nan_in_loss_and_grad = _check_flag("check_for_nan_in_loss_and_grad",
-                                                          check_for_nan_in_loss_and_grad)
-        self.calculate_per_token_loss = _check_flag("calculate_per_token_loss",
-                                                    calculate_per_token_loss)
-        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, (int, np.integer)) \
-                or seq_split_num < 1:
-            raise ValueError(f"{API}: `seq_split_num` must be a positive int, got "
-                             f"{seq_split_num!r}")
-        self.seq_split_num = int(seq_split_num)
+        self.data_parallel, self.model_parallel = parallel_degrees(parallel_config, API)
+        self.check_for_nan_in_loss_and_grad = check_flag("check_for_nan_in_loss_and_grad",
+                                                          check_for_nan_in_loss_and_grad, API)
+        self.calculate_per_token_loss = check_flag("calculate_per_token_loss",
+                                                    calculate_per_token_loss, API)
+        self.seq_split_num = check_positive_int("seq_split_num", seq_split_num, API)
         check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
         check_ignore_index(API, ignore_index)
-        self.per_token_output = self.calculate_per_token_loss or self.seq_split_num > 1
-        if self.per_token_output and reduction != "mean":
-            raise ValueError(f"{API}: calculate_per_token_loss=True or seq_split_num > 1 returns "
-                             f"(numerator, denominator) of the mean, which needs reduction "
-                             f"'mean', got {reduction!r}")
-        self.weight = _class_weight_tensor(weight)
+        self.per_token_output = wants_per_token_output(
+            self.calculate_per_token_loss, self.seq_split_num, reduction, API)
+        self.weight = class_weight_tensor(weight, API)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)

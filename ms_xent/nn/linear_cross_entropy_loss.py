@@ -7,58 +7,17 @@ and gradient as ``CrossEntropyLoss()(hidden @ weight.T + bias, label, input_mask
 gradient never exist.
 """
 
-from collections.abc import Mapping
-
-import numpy as np
-import mindspore as ms
 from mindspore import log as logger
 from mindspore import nn, ops
 
+from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
+                                       parallel_degrees, wants_per_token_output)
 from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
 from ms_xent.ops.validation import check_ignore_index, check_option_values
 
 API = "LinearCrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
 DENOMINATOR_GUARD = 1e-8
-
-
-def _parallel_degrees(parallel_config):
-    """(data_parallel, model_parallel) from an OpParallelConfig-like object, a dict or None."""
-    degrees = []
-    for name in ("data_parallel", "model_parallel"):
-        if parallel_config is None:
-            value = None
-        elif isinstance(parallel_config, Mapping):
-            value = parallel_config.get(name)
-        else:
-            value = getattr(parallel_config, name, None)
-        value = 1 if value is None else value
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{API}: `parallel_config.{name}` must be a positive int, got "
-                             f"{value!r}")
-        degrees.append(int(value))
-    return tuple(degrees)
-
-
-def _check_flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{API}: `{name}` must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _class_weight_tensor(weight):
-    """The class weights as a float32 [V] Tensor (None stays None); rejects negative entries."""
-    if weight is None:
-        return None
-    values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
-        weight, dtype=np.float32)
-    if values.ndim != 1:
-        raise ValueError(f"{API}: `weight` must be 1-D (one entry per class), got shape "
-                         f"{values.shape}")
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"{API}: `weight` entries must be finite and non-negative, got min "
-                         f"{values.min()} and max {values.max()}")
-    return ms.Tensor(values)
 
 
 class LinearCrossEntropyLoss(nn.Cell):
@@ -114,29 +73,23 @@ class LinearCrossEntropyLoss(nn.Cell):
                  label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
                  logit_softcap=0.0, logit_scale=1.0, chunk_size=None, **kwargs):
         super().__init__()
-        self.data_parallel, self.model_parallel = _parallel_degrees(parallel_config)
+        self.data_parallel, self.model_parallel = parallel_degrees(parallel_config, API)
         if self.model_parallel > 1:
             raise NotImplementedError(
                 f"{API}: parallel_config.model_parallel = {self.model_parallel} is not supported: "
                 f"the softmax is taken over the rows of the `weight` this Cell receives, so a "
                 f"vocabulary split over {self.model_parallel} devices would normalise each "
                 f"device's loss over its own slice. Use model_parallel = 1 for the loss.")
-        self.check_for_nan_in_loss_and_grad = _check_flag("check_for_nan_in_loss_and_grad",
-                                                          check_for_nan_in_loss_and_grad)
-        calculate_per_token_loss = _check_flag("calculate_per_token_loss",
-                                               calculate_per_token_loss)
-        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, (int, np.integer)) \
-                or seq_split_num < 1:
-            raise ValueError(f"{API}: `seq_split_num` must be a positive int, got "
-                             f"{seq_split_num!r}")
+        self.check_for_nan_in_loss_and_grad = check_flag("check_for_nan_in_loss_and_grad",
+                                                          check_for_nan_in_loss_and_grad, API)
+        calculate_per_token_loss = check_flag("calculate_per_token_loss",
+                                               calculate_per_token_loss, API)
+        seq_split_num = check_positive_int("seq_split_num", seq_split_num, API)
         check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
         check_ignore_index(API, ignore_index)
-        self.per_token_output = calculate_per_token_loss or seq_split_num > 1
-        if self.per_token_output and reduction != "mean":
-            raise ValueError(f"{API}: calculate_per_token_loss=True or seq_split_num > 1 returns "
-                             f"(numerator, denominator) of the mean, which needs reduction "
-                             f"'mean', got {reduction!r}")
-        self.class_weight = _class_weight_tensor(weight)
+        self.per_token_output = wants_per_token_output(calculate_per_token_loss, seq_split_num,
+                                                       reduction, API)
+        self.class_weight = class_weight_tensor(weight, API)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)
