@@ -263,10 +263,11 @@ class CrossEntropyLoss(nn.Cell):
 
     # ---- end of parallel paths ------------------------------------------------------------------
 
-    def _add_zloss(self, loss_rows, lse, row_weight):
-        """r_n = l_n + s * rho_n * lse_n^2; rows with rho_n = 0 add exactly 0 (even if NaN)."""
-        counted = row_weight > 0
-        safe_lse = ops.select(counted, lse, ops.zeros_like(lse))
+    def _add_zloss(self, loss_rows, lse, row_weight, counted_weight):
+        """r_n = l_n + s * rho_n * lse_n^2 (row_weight = rho_n); rows that do not count
+        (counted_weight = rho_n * mask_n is 0) add exactly 0 and get exactly 0 gradient through
+        it, even where lse_n is not finite."""
+        safe_lse = ops.select(counted_weight > 0, lse, ops.zeros_like(lse))
         return loss_rows + self.zloss_scale * row_weight * safe_lse * safe_lse
 
     def construct(self, logits, label, input_mask=None):
@@ -280,15 +281,19 @@ class CrossEntropyLoss(nn.Cell):
             label = label.reshape((n_rows, n_classes) if soft else (n_rows,))
 
         loss_rows, lse, row_weight = self._row_losses(logits, label)
-        if self.zloss_scale > 0:
-            loss_rows = self._add_zloss(loss_rows, lse, row_weight)
         if input_mask is None:
-            contributions = loss_rows
             counted = row_weight
+            if self.zloss_scale > 0:
+                loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
+            contributions = loss_rows
         else:
+            # As MindFormers: the rows are multiplied by the mask (a masked-out row with
+            # non-finite logits still makes the loss NaN); their gradient is exactly 0.
             mask = input_mask.reshape((n_rows,)).astype(ms.float32)
-            contributions = loss_rows * mask
             counted = row_weight * mask
+            if self.zloss_scale > 0:
+                loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
+            contributions = loss_rows * mask
 
         if self.reduction == "none":
             result = contributions
