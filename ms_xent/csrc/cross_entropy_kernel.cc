@@ -191,17 +191,14 @@ float SumWeights(const float *weight, int64_t C, bool weighted) {
   return static_cast<float>(total);
 }
 
-// float32 gradients at least this large are written with streaming stores: far larger than the
-// caches, so the stores skip reading the destination lines first (3 -> 2 bytes of memory traffic
-// per byte of gradient; backward at 8192 x 32000 here: 78 -> 57 ms). Smaller ones stay cacheable
-// for the next op to read. 2-byte types are compute-bound in the backward and measured slower
-// with them (bfloat16 8192 x 32000: 41.5 -> 47 ms), so they never stream.
+// Gradients at least this large are written with streaming stores: far larger than the caches,
+// so the stores skip reading the destination lines first (3 -> 2 bytes of memory traffic per byte
+// of gradient). Backward measured here (scripts/bench_kernels.py): float32 8192 x 32000
+// 78 -> 57 ms; bfloat16 2048 x 128256 40.5 -> 30.5 ms, 4096 x 151936 96 -> 70 ms. Smaller
+// gradients stay cacheable for the next op to read.
 constexpr int64_t kStreamingStoreBytes = int64_t{64} << 20;
 
-template <typename T>
-bool UseStreamingStores(int64_t N, int64_t C) {
-  return sizeof(T) == 4 && N * C * static_cast<int64_t>(sizeof(T)) >= kStreamingStoreBytes;
-}
+bool UseStreamingStores(int64_t gradient_bytes) { return gradient_bytes >= kStreamingStoreBytes; }
 
 // ---- class-index targets ------------------------------------------------------------------
 
@@ -255,7 +252,7 @@ int HardBackward(const CrossEntropyAttrs &attrs, int64_t N, int64_t C, const T *
   const float eps = attrs.label_smoothing;
   const float smooth = eps / static_cast<float>(C);
   const float total_weight = SumWeights(weight, C, kWeighted);
-  const bool stream = UseStreamingStores<T>(N, C);
+  const bool stream = UseStreamingStores(N * C * static_cast<int64_t>(sizeof(T)));
   std::atomic<int64_t> bad_row{-1};
 #pragma omp parallel for schedule(static) if (N * C > 32768)
   for (int64_t n = 0; n < N; ++n) {

@@ -319,13 +319,16 @@ def check_finite(kernels, symbol, outputs, what):
 
 def run_cross_entropy_canaries(kernels, rng):
     """Every kernel on finite inputs with canary-padded buffers, for every dtype, C around the
-    16-lane vector width and the 2048 block, and N * C above the OpenMP threshold; and a float32
-    gradient above 64 MiB (the backward's streaming stores, rows at every offset in a line)."""
+    16-lane vector width and the 2048 block, and N * C above the OpenMP threshold; and gradients
+    above 64 MiB (the backward's streaming stores, rows at every offset in a line), with and
+    without class weights (bfloat16 takes a different store path without)."""
     shapes = [(3, 1), (2, 15), (2, 16), (2, 17), (5, 31), (2, 2047), (1, 2049), (301, 131)]
-    cases = list(itertools.product(FLOAT_DTYPES, shapes)) + [("float32", (1025, 16385))]
-    for dtype, (n, c) in cases:
-        attrs = {"ignore_index": -100, "label_smoothing": 0.1, "weighted": True}
-        what = f"canary {dtype} N={n} C={c}"
+    cases = [(dtype, shape, True) for dtype, shape in itertools.product(FLOAT_DTYPES, shapes)]
+    cases += [("float32", (1025, 16385), True), ("bfloat16", (2049, 16385), False),
+              ("bfloat16", (2049, 16385), True), ("float16", (2049, 16385), False)]
+    for dtype, (n, c), weighted in cases:
+        attrs = {"ignore_index": -100, "label_smoothing": 0.1, "weighted": weighted}
+        what = f"canary {dtype} N={n} C={c} weighted={weighted}"
         x = rng.standard_normal((n, c)) * 3
         t = rng.integers(0, c, n)
         w = rng.random(c) + 0.25
