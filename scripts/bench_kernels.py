@@ -111,9 +111,15 @@ def main():
     parser.add_argument("--library", default=None, help="kernel library (default: this checkout)")
     parser.add_argument("--cold", action="store_true",
                         help="rewrite a 1 GiB buffer before each timed call")
+    parser.add_argument("--bandwidth", default=None, metavar="READ,COPY",
+                        help="use these GB/s instead of measuring them (e.g. 25,32)")
     args = parser.parse_args()
     library = ctypes.CDLL(args.library or kernel_library())
-    bandwidth = measure_bandwidth(1 << 30)
+    if args.bandwidth:
+        read, copy = (float(value) for value in args.bandwidth.split(","))
+        bandwidth = {"read_gbs": read, "copy_gbs": copy}
+    else:
+        bandwidth = measure_bandwidth(1 << 30)
     print(f"library: {args.library or kernel_library()}\nbandwidth: read "
           f"{bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s\n")
     print("| N x C | dtype | fwd ms (GB/s) | bwd ms (GB/s) | fwd+bwd ms | bound ms | fraction |")
@@ -124,9 +130,11 @@ def main():
             forward, backward = run_case(library, n_rows, n_classes, dtype, args.repeats, flush)
             size = n_rows * n_classes * ITEMSIZE[dtype]
             _, bound = bound_ms(n_rows, n_classes, dtype, bandwidth)
-            print(f"| {n_rows} x {n_classes} | {dtype} | {forward:.1f} ({size / forward / 1e6:.1f})"
-                  f" | {backward:.1f} ({2 * size / backward / 1e6:.1f}) | {forward + backward:.1f}"
-                  f" | {bound:.1f} | {bound / (forward + backward):.2f} |", flush=True)
+            total = forward + backward
+            read_gbs, traffic_gbs = size / forward / 1e6, 2 * size / backward / 1e6
+            print(f"| {n_rows} x {n_classes} | {dtype} | {forward:.3g} ({read_gbs:.1f}) | "
+                  f"{backward:.3g} ({traffic_gbs:.1f}) | {total:.3g} | {bound:.3g} | "
+                  f"{bound / total:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
