@@ -165,6 +165,20 @@ def assert_close_to_peak(actual, expected, dtype, what="", unit=0.0):
                                err_msg=what)
 
 
+def assert_matches_torch_float32(result, x, target, weight, options, zgrad):
+    """A float32 result of the fused op (dict with "loss", "grad" and, when options ask for the
+    z-loss, "zloss") against PyTorch float64 with float32 tolerances; ``zgrad()`` gives the
+    result's d zloss / d x (only called when the z-loss is returned)."""
+    loss, grad, zloss, torch_zgrad = torch_cross_entropy(
+        x, target, weight, options["reduction"], IGNORE_INDEX, options["label_smoothing"],
+        options["lse_square_scale_for_zloss"])
+    assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+    assert_close_to_peak(result["grad"], grad, ms.float32, "grad vs torch")
+    if options["return_zloss"]:
+        assert_close(result["zloss"], zloss, ms.float32, "zloss vs torch")
+        assert_close_to_peak(zgrad(), torch_zgrad, ms.float32, "zgrad vs torch")
+
+
 def torch_bce_with_logits(x, target, weight=None, pos_weight=None, reduction="mean",
                           grad_loss=None):
     """PyTorch float64 oracle of ``F.binary_cross_entropy_with_logits``.

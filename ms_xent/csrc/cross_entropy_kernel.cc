@@ -360,6 +360,26 @@ std::vector<int64_t> SameShape(int *ndims, int64_t **shapes) {
   return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
 }
 
+// Runs fn(T *, Index *, weighted) with typed null pointers for the dtypes of x and of the class
+// indices, and std::true_type / std::false_type for attrs.weighted.
+template <typename Fn>
+int DispatchClassTargets(const char **dtypes, const CrossEntropyAttrs &attrs, Fn &&fn) {
+  return DispatchFloat(dtypes[0], [&](auto *tag) {
+    return DispatchIndex(dtypes[1], [&](auto *index_tag) {
+      return attrs.weighted ? fn(tag, index_tag, std::true_type{})
+                            : fn(tag, index_tag, std::false_type{});
+    });
+  });
+}
+
+// Same for probability targets (same dtype as x): fn(T *, weighted).
+template <typename Fn>
+int DispatchSoftTargets(const char **dtypes, const CrossEntropyAttrs &attrs, Fn &&fn) {
+  return DispatchFloat(dtypes[0], [&](auto *tag) {
+    return attrs.weighted ? fn(tag, std::true_type{}) : fn(tag, std::false_type{});
+  });
+}
+
 // Class targets. inputs: x[N,C], target[N], weight[C]; outputs: loss_rows[N], lse[N],
 // row_weight[N] (float32), and log_prob[N,C] (dtype of x) when nparam == 7.
 int HardForwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -368,19 +388,14 @@ int HardForwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, co
   const int64_t N = shapes[0][0], C = shapes[0][1];
   if (!IsRowVector(ndims, shapes, 1, N) || !IsRowVector(ndims, shapes, 2, C)) return kBadArguments;
   const CrossEntropyAttrs &attrs = GetAttrs(extra);
-  return DispatchFloat(dtypes[0], [&](auto *tag) {
+  return DispatchClassTargets(dtypes, attrs, [&](auto *tag, auto *index_tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return DispatchIndex(dtypes[1], [&](auto *index_tag) {
-      using Index = std::remove_pointer_t<decltype(index_tag)>;
-      auto run = [&](auto weighted) {
-        return HardForward<T, Index, decltype(weighted)::value>(
-            attrs, N, C, static_cast<const T *>(params[0]), static_cast<const Index *>(params[1]),
-            static_cast<const float *>(params[2]), static_cast<float *>(params[3]),
-            static_cast<float *>(params[4]), static_cast<float *>(params[5]),
-            nparam == 7 ? static_cast<T *>(params[6]) : nullptr);
-      };
-      return attrs.weighted ? run(std::true_type{}) : run(std::false_type{});
-    });
+    using Index = std::remove_pointer_t<decltype(index_tag)>;
+    return HardForward<T, Index, decltype(weighted)::value>(
+        attrs, N, C, static_cast<const T *>(params[0]), static_cast<const Index *>(params[1]),
+        static_cast<const float *>(params[2]), static_cast<float *>(params[3]),
+        static_cast<float *>(params[4]), static_cast<float *>(params[5]),
+        nparam == 7 ? static_cast<T *>(params[6]) : nullptr);
   });
 }
 
@@ -396,19 +411,14 @@ int HardBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, c
     return kBadArguments;
   }
   const CrossEntropyAttrs &attrs = GetAttrs(extra);
-  return DispatchFloat(dtypes[0], [&](auto *tag) {
+  return DispatchClassTargets(dtypes, attrs, [&](auto *tag, auto *index_tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return DispatchIndex(dtypes[1], [&](auto *index_tag) {
-      using Index = std::remove_pointer_t<decltype(index_tag)>;
-      auto run = [&](auto weighted) {
-        return HardBackward<T, Index, decltype(weighted)::value>(
-            attrs, N, C, static_cast<const T *>(params[0]), static_cast<const Index *>(params[1]),
-            static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-            static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-            static_cast<T *>(params[6]));
-      };
-      return attrs.weighted ? run(std::true_type{}) : run(std::false_type{});
-    });
+    using Index = std::remove_pointer_t<decltype(index_tag)>;
+    return HardBackward<T, Index, decltype(weighted)::value>(
+        attrs, N, C, static_cast<const T *>(params[0]), static_cast<const Index *>(params[1]),
+        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+        static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+        static_cast<T *>(params[6]));
   });
 }
 
@@ -421,15 +431,12 @@ int SoftForwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, co
   if (!IsMatrix(ndims, shapes, 1, N, C) || !IsRowVector(ndims, shapes, 2, C)) return kBadArguments;
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return kBadArguments;
   const CrossEntropyAttrs &attrs = GetAttrs(extra);
-  return DispatchFloat(dtypes[0], [&](auto *tag) {
+  return DispatchSoftTargets(dtypes, attrs, [&](auto *tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    auto run = [&](auto weighted) {
-      return SoftForward<T, decltype(weighted)::value>(
-          attrs, N, C, static_cast<const T *>(params[0]), static_cast<const T *>(params[1]),
-          static_cast<const float *>(params[2]), static_cast<float *>(params[3]),
-          static_cast<float *>(params[4]), nparam == 6 ? static_cast<T *>(params[5]) : nullptr);
-    };
-    return attrs.weighted ? run(std::true_type{}) : run(std::false_type{});
+    return SoftForward<T, decltype(weighted)::value>(
+        attrs, N, C, static_cast<const T *>(params[0]), static_cast<const T *>(params[1]),
+        static_cast<const float *>(params[2]), static_cast<float *>(params[3]),
+        static_cast<float *>(params[4]), nparam == 6 ? static_cast<T *>(params[5]) : nullptr);
   });
 }
 
@@ -445,16 +452,13 @@ int SoftBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, c
   }
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return kBadArguments;
   const CrossEntropyAttrs &attrs = GetAttrs(extra);
-  return DispatchFloat(dtypes[0], [&](auto *tag) {
+  return DispatchSoftTargets(dtypes, attrs, [&](auto *tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    auto run = [&](auto weighted) {
-      return SoftBackward<T, decltype(weighted)::value>(
-          attrs, N, C, static_cast<const T *>(params[0]), static_cast<const T *>(params[1]),
-          static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-          static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-          static_cast<T *>(params[6]));
-    };
-    return attrs.weighted ? run(std::true_type{}) : run(std::false_type{});
+    return SoftBackward<T, decltype(weighted)::value>(
+        attrs, N, C, static_cast<const T *>(params[0]), static_cast<const T *>(params[1]),
+        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+        static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+        static_cast<T *>(params[6]));
   });
 }
 
