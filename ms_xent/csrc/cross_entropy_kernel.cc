@@ -67,16 +67,15 @@ const CrossEntropyAttrs &GetAttrs(void *extra) {
   return data ? *static_cast<const CrossEntropyAttrs *>(data) : kDefaults;
 }
 
-// Single-read log-sum-exp thresholds (see RowLogSumExp). A block is first summed against the
+// Single-read log-sum-exp threshold (see RowLogSumExp). A block is first summed against the
 // running max m_old of the blocks before it, while its own max m_B is found from the same read.
-// - m_B > m_old + kShiftHeadroom: the partial sums could have overflowed; sum the block again
-//   against m_B. Below it no per-lane partial sum can (2048 * e^64 << FLT_MAX).
-// - m_B > m_old + kDominantMargin: the block's max may carry nearly all the probability mass
-//   (p >= 1 / (1 + e^-4) = 0.982 when it is the only large term); sum the block again against
-//   m_B with SumExpAtMax, so that 1 - p (the loss and the true-class gradient when it is the
-//   target) keeps its digits. Below it 1 - p > 0.018 and float32 lane rounding (a few 2^-24
+// When m_B > m_old + kDominantMargin the block is summed again against m_B, with SumExpAtMax:
+// - its max may carry nearly all the probability mass (p >= 1 / (1 + e^-4) = 0.982 when it is the
+//   only large term), and 1 - p (the loss and the true-class gradient when it is the target)
+//   must keep its digits. Below the margin 1 - p > 0.018 and float32 lane rounding (a few 2^-24
 //   relative to the largest term) stays below 1e-5 relative.
-constexpr float kShiftHeadroom = 64.0f;
+// - the first sum may have overflowed; every kept partial sum has x - m_old <= 4, so none can
+//   (2048 * e^4 << FLT_MAX).
 constexpr float kDominantMargin = 4.0f;
 
 // lse = log sum_c exp(x[c]) of one row, reading each element once from memory (later blocks are
@@ -198,8 +197,6 @@ float SumWeights(const float *weight, int64_t C, bool weighted) {
 // gradients stay cacheable for the next op to read.
 constexpr int64_t kStreamingStoreBytes = int64_t{64} << 20;
 
-bool UseStreamingStores(int64_t gradient_bytes) { return gradient_bytes >= kStreamingStoreBytes; }
-
 // ---- class-index targets ------------------------------------------------------------------
 
 template <typename T, typename Index, bool kWeighted>
@@ -252,7 +249,7 @@ int HardBackward(const CrossEntropyAttrs &attrs, int64_t N, int64_t C, const T *
   const float eps = attrs.label_smoothing;
   const float smooth = eps / static_cast<float>(C);
   const float total_weight = SumWeights(weight, C, kWeighted);
-  const bool stream = UseStreamingStores(N * C * static_cast<int64_t>(sizeof(T)));
+  const bool stream = N * C * static_cast<int64_t>(sizeof(T)) >= kStreamingStoreBytes;
   std::atomic<int64_t> bad_row{-1};
 #pragma omp parallel for schedule(static) if (N * C > 32768)
   for (int64_t n = 0; n < N; ++n) {

@@ -24,7 +24,7 @@
 // but applies 2^k with vscalefps, which saturates to +inf / 0 by itself. Inputs are first clamped
 // to [-200, 200] with the NaN-preserving operand order (max/min return their second operand when
 // either is NaN): -inf -> exp(-200) = 0 exactly (2^-289 underflows to 0), +inf -> inf, NaN -> NaN.
-// That is ~12 vector instructions per 16 elements instead of ~40 for the selects and integer
+// That is ~14 vector instructions per 16 elements instead of ~40 for the selects and integer
 // tricks the portable FastExp needs.
 #pragma once
 
@@ -57,8 +57,7 @@ inline void PrefetchAhead32(const T *p) {
 // kClampAbove = false skips the upper clamp: only for callers that discard the result whenever an
 // input exceeds 200 (then +inf, or for inputs beyond ~2^23 any non-finite value, comes out).
 // kForHalfOutput: for results that are rounded to float16 / bfloat16 next (the backward's gradient
-// in those dtypes), P of degree 2 (a relative-error fit, 5.4e-6 in exact arithmetic, fitted here
-// like kExpP*): two FMAs less, and 100x below half an ulp of float16 (2.4e-4).
+// in those dtypes), the degree-2 P of vec_math.h (kExpHalfP*): two FMAs less.
 template <bool kClampAbove = true, bool kForHalfOutput = false>
 inline __m512 Exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
@@ -69,9 +68,9 @@ inline __m512 Exp16(__m512 x) {
   r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 p;
   if (kForHalfOutput) {
-    p = _mm512_set1_ps(0.04127739369869232f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16753439605236053f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5000512003898621f));
+    p = _mm512_set1_ps(kExpHalfP2);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfP0));
   } else {
     p = _mm512_set1_ps(kExpP4);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
@@ -254,6 +253,16 @@ inline float SumExpAtMax(const T *row, int64_t begin, int64_t end, float max) {
   return SumExpImpl<SumExpMode::kCountShift>(row, begin, end, max, nullptr);
 }
 
+// Elements of out before its first 64-byte-aligned one (C if an element never is: a buffer not
+// aligned to its element size).
+template <typename T>
+inline int64_t StreamingHead(const T *out, int64_t C) {
+  const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64);
+  if (misaligned % static_cast<int64_t>(sizeof(T)) != 0) return C;
+  const int64_t head = misaligned == 0 ? 0 : (64 - misaligned) / static_cast<int64_t>(sizeof(T));
+  return head < C ? head : C;
+}
+
 // kStream: the 64-byte-aligned body of the row is written with streaming stores (the head
 // before the first aligned address and the tail with ordinary masked stores), then sfence'd.
 template <bool kStream, typename T>
@@ -279,18 +288,12 @@ inline void WriteGradRowImpl(const T *row, int64_t C, float shift, float k, floa
   };
   int64_t c = 0;
   if (kStream) {
-    // Ordinary stores up to the first 64-byte-aligned element (none at all if the element type
-    // is not aligned within the buffer).
-    const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64);
-    int64_t head = misaligned % static_cast<int64_t>(sizeof(T)) != 0 ? C
-                   : misaligned == 0                                 ? 0
-                                                                     : (64 - misaligned) / static_cast<int64_t>(sizeof(T));
-    head = head < C ? head : C;
-    for (; c < head; c += 16) {
-      const __mmask16 mask = TailMask(head - c);
-      Store16(out + c, mask, grad16(c, mask));
+    // Ordinary stores up to the first 64-byte-aligned element.
+    c = StreamingHead(out, C);
+    for (int64_t h = 0; h < c; h += 16) {
+      const __mmask16 mask = TailMask(c - h);
+      Store16(out + h, mask, grad16(h, mask));
     }
-    c = head;
   }
   for (; c + 32 <= C; c += 32) {
     PrefetchAhead32(row + c);

@@ -13,11 +13,7 @@ def _parallel_degree(parallel_config, name, api):
         value = parallel_config.get(name)
     else:
         value = getattr(parallel_config, name, None)
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{api}: `parallel_config.{name}` must be a positive int, got {value!r}")
-    return int(value)
+    return 1 if value is None else check_positive_int(f"parallel_config.{name}", value, api)
 
 
 def parallel_degrees(parallel_config, api):

@@ -281,19 +281,13 @@ class CrossEntropyLoss(nn.Cell):
             label = label.reshape((n_rows, n_classes) if soft else (n_rows,))
 
         loss_rows, lse, row_weight = self._row_losses(logits, label)
-        if input_mask is None:
-            counted = row_weight
-            if self.zloss_scale > 0:
-                loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
-            contributions = loss_rows
-        else:
-            # As MindFormers: the rows are multiplied by the mask (a masked-out row with
-            # non-finite logits still makes the loss NaN); their gradient is exactly 0.
-            mask = input_mask.reshape((n_rows,)).astype(ms.float32)
-            counted = row_weight * mask
-            if self.zloss_scale > 0:
-                loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
-            contributions = loss_rows * mask
+        # As MindFormers: the rows are multiplied by the mask (a masked-out row with non-finite
+        # logits still makes the loss NaN); their gradient is exactly 0.
+        mask = None if input_mask is None else input_mask.reshape((n_rows,)).astype(ms.float32)
+        counted = row_weight if mask is None else row_weight * mask
+        if self.zloss_scale > 0:
+            loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
+        contributions = loss_rows if mask is None else loss_rows * mask
 
         if self.reduction == "none":
             result = contributions
