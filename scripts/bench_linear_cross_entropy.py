@@ -10,6 +10,13 @@ lm_head weight [V, H], "mean" loss) of
   ``CrossEntropyLoss``;
 * ``mindformers``: the same logits + ``mindformers.core.CrossEntropyLoss`` (input_mask of ones).
 
+Modes (``--modes``, default ``graph,pynative``): ``graph`` (GRAPH_MODE, how MindFormers trains),
+``pynative``, and ``pynative_blocking`` (PYNATIVE with ``mindspore.runtime.launch_blocking()``).
+The last one exists because in plain PYNATIVE MindSpore 2.9's Python thread busy-waits on a core
+while a kernel runs: on a 2-core machine that takes about a third of the CPU from multi-threaded
+kernels (measured here: the fused CPU kernel 7.4 s blocking vs 14-17 s plain at 8192 x 1024 x
+32000 float32).
+
 Method: one fresh subprocess per (implementation, shape, dtype, mode). It imports its framework,
 runs the implementation on a tiny input (loads kernels, starts thread pools), creates the inputs
 (hidden ~ N(0, 1), weight ~ N(0, 1/H) * 3, uniform targets; seeded, identical for every
@@ -49,6 +56,7 @@ from pathlib import Path
 DEFAULT_SHAPES = ("8192x1024x32000", "4096x1024x128256")
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_IMPLS = ("fused", "unfused", "mindformers")
+MODES = ("graph", "pynative", "pynative_blocking")
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 GIB = 1 << 30
 MIB = 1 << 20
@@ -112,6 +120,8 @@ def run_worker(spec):
     from mindspore.graph.api import _pynative_executor
 
     ms.set_context(mode=ms.GRAPH_MODE if spec["mode"] == "graph" else ms.PYNATIVE_MODE)
+    if spec["mode"] == "pynative_blocking":
+        ms.runtime.launch_blocking()
     dtype = {"float32": ms.float32, "bfloat16": ms.bfloat16}[spec["dtype"]]
     loss = _make_loss(spec["impl"], spec["chunk_size"], ms, ops)
 
@@ -235,7 +245,8 @@ def main(argv=None):
                         help="comma-separated NxHxV (default: %(default)s)")
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
     parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
-    parser.add_argument("--modes", default="pynative", help="pynative and/or graph")
+    parser.add_argument("--modes", default="graph,pynative",
+                        help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--chunk-sizes", default="auto",
                         help="fused chunk sizes in rows, 'auto' = automatic (default: auto)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
@@ -271,6 +282,9 @@ def main(argv=None):
               f"median of {args.repeats} timed calls after one untimed call.")
     print(header, flush=True)
 
+    unknown_modes = set(args.modes.split(",")) - set(MODES)
+    if unknown_modes:
+        parser.error(f"--modes: unknown {sorted(unknown_modes)}; choose from {MODES}")
     specs = []
     for shape in args.shapes.split(","):
         rows, hidden, vocab = (int(part) for part in shape.split("x"))

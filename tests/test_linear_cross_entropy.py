@@ -1,8 +1,9 @@
 """The fused linear + cross-entropy: ms_xent.ops.linear_cross_entropy and the
 LinearCrossEntropyLoss Cell against a float64 PyTorch oracle (loss and gradients w.r.t. hidden,
 weight and bias) and against the unfused path (matmul + ms_xent CrossEntropyLoss), for every
-option, chunk sizes that do not divide N, V prime, N = 1, float32 and bfloat16, PYNATIVE and
-GRAPH mode."""
+option, chunk sizes that do not divide N, V prime, N = 1, float32, bfloat16 and float16, PYNATIVE
+and GRAPH mode, on both backends (``backend`` fixture): the CPU kernel over oneDNN (vocabulary
+blocks) and the generic chunked MatMul path that serves other devices."""
 
 import re
 
@@ -14,9 +15,13 @@ from mindspore import nn, ops
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.ops.cross_entropy import sum_rows
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
-from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_WORKSPACE, MIN_CHUNK_ROWS,
-                                              MIN_WORKSPACE, chunk_layout,
-                                              linear_cross_entropy)
+from ms_xent.ops import backend as backends
+from ms_xent.ops.linear_cross_entropy import (BLOCK_FRACTION, MAX_BLOCK_BYTES,
+                                              MAX_BLOCK_WORKSPACE, MAX_WORKSPACE,
+                                              MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
+                                              MIN_VOCAB_BLOCK, MIN_WORKSPACE, chunk_layout,
+                                              linear_cross_entropy, vocab_block_layout)
+from ms_xent.ops.linear_cross_entropy_cpu_op import onednn_library
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
@@ -29,6 +34,13 @@ UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stor
 # tanh does): near +-cap the rounding of tanh (6e-8) is amplified in 1 - tanh^2, which widens the
 # gradient tolerance of softcapped cases in float32 (observed up to 1.5e-5 of the peak).
 SOFTCAP_GRAD_SCALE = 10.0
+
+
+@pytest.fixture(params=backends.LINEAR_BACKENDS, name="backend")
+def backend_fixture(request, monkeypatch):
+    """Runs the test once per backend of the fused linear + cross-entropy."""
+    monkeypatch.setenv(backends.LINEAR_BACKEND_VARIABLE, request.param)
+    return request.param
 
 
 def make_data(n_rows=N, seed=0, ignore_fraction=0.0, mask=False, bias=False,
@@ -161,7 +173,7 @@ def upstream_for(options, n_rows=N, seed=5):
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_options_vs_torch(mode, case):
+def test_options_vs_torch(backend, mode, case):
     options, data_options = case
     data = make_data(**data_options)
     check_against_oracle(data, dict(options, chunk_size=CHUNK), upstream=upstream_for(options))
@@ -169,25 +181,51 @@ def test_options_vs_torch(mode, case):
 
 @pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
                          ids=["mean", "none"])
-def test_bfloat16_vs_torch(mode, options):
+def test_bfloat16_vs_torch(backend, mode, options):
     check_against_oracle(make_data(**ALL_DATA), dict(options, chunk_size=CHUNK), "bfloat16",
                          upstream_for(options))
 
 
+@pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
+                         ids=["mean", "none"])
+def test_float16_vs_torch(backend, options):
+    check_against_oracle(make_data(**ALL_DATA), dict(options, chunk_size=CHUNK), "float16",
+                         upstream_for(options))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk_size", [None, 7, 40])
+def test_cpu_kernel_blocks_on_a_larger_problem(mode, dtype_name, chunk_size):
+    """N = 300, H = 64, V = 3001 on the CPU kernel: several OpenMP slices per product and
+    vocabulary blocks of 70 (chunk_size 7), 400 (40) and the automatic size, the last block
+    shorter."""
+    rng = np.random.default_rng(11)
+    n_rows, n_hidden, n_vocab = 300, 64, 3001
+    data = {"hidden": rng.standard_normal((n_rows, n_hidden)).astype(np.float32),
+            "weight": (rng.standard_normal((n_vocab, n_hidden)) * 3 / np.sqrt(n_hidden)
+                       ).astype(np.float32),
+            "target": rng.integers(0, n_vocab, n_rows).astype(np.int64),
+            "bias": rng.standard_normal(n_vocab).astype(np.float32),
+            "class_weight": (rng.random(n_vocab) + 0.25).astype(np.float32),
+            "mask": (rng.random(n_rows) > 0.2).astype(np.float32)}
+    data["target"][rng.random(n_rows) < 0.2] = IGNORE_INDEX
+    check_against_oracle(data, dict(ALL_OPTIONS, chunk_size=chunk_size), dtype_name)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, N, 100])
-def test_chunk_sizes_agree(chunk_size):
+def test_chunk_sizes_agree(backend, chunk_size):
     """Automatic (one chunk here), one row per chunk, non-dividing, exact and oversized chunks."""
     check_against_oracle(make_data(**ALL_DATA), dict(ALL_OPTIONS, chunk_size=chunk_size))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_single_row(mode, reduction):
+def test_single_row(backend, mode, reduction):
     options = dict(ALL_OPTIONS, reduction=reduction, chunk_size=CHUNK)
     data = make_data(n_rows=1, bias=True, class_weight=True)
     check_against_oracle(data, options, upstream=upstream_for(options, n_rows=1))
 
 
-def test_every_row_ignored_gives_zero_loss_and_gradient(mode):
+def test_every_row_ignored_gives_zero_loss_and_gradient(backend, mode):
     data = make_data(bias=True)
     data["target"][:] = IGNORE_INDEX
     loss, weighted, grads = run_fused(data, dict(ALL_OPTIONS, chunk_size=CHUNK), ms.float32,
@@ -198,7 +236,7 @@ def test_every_row_ignored_gives_zero_loss_and_gradient(mode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_no_rows_gives_empty_or_zero_results(mode, reduction):
+def test_no_rows_gives_empty_or_zero_results(backend, mode, reduction):
     hidden = ms.Tensor(np.zeros((0, H), np.float32))
     weight = to_ms(make_data()["weight"])
     target = ms.Tensor(np.zeros((0,), np.int64))
@@ -213,7 +251,7 @@ def test_no_rows_gives_empty_or_zero_results(mode, reduction):
     assert grad_weight.shape == (V, H) and not to_numpy(grad_weight).any()
 
 
-def test_forward_without_gradient_matches(mode):
+def test_forward_without_gradient_matches(backend, mode):
     """Outside autodiff PYNATIVE skips the gradient work; the loss must not change."""
     data = make_data(**ALL_DATA)
     tensors = [to_ms(data[name]) for name in ("hidden", "weight")]
@@ -245,7 +283,7 @@ CELL_CASES = {  # constructor options, make_data keywords
 
 
 @pytest.mark.parametrize("case", CELL_CASES.values(), ids=CELL_CASES.keys())
-def test_cell_matches_unfused_cross_entropy_loss(mode, case):
+def test_cell_matches_unfused_cross_entropy_loss(backend, mode, case):
     """LinearCrossEntropyLoss(hidden, weight) == CrossEntropyLoss(hidden @ weight.T + bias),
     value, shape and gradients, and the oracle with MindFormers' 1e-8 denominator guard."""
     options, data_options = case
@@ -337,6 +375,56 @@ def test_automatic_layout_follows_the_budget():
     assert chunk_layout("api", N, H, V, 0.0, 100) == (N, V)
 
 
+def test_cpu_kernel_vocabulary_block_follows_the_budget():
+    """The block's buffers fit BLOCK_FRACTION (1/128) of the float32 logits within
+    [1 MiB, 64 MiB], at least 16 vocabulary rows; chunk_size keeps chunk_size * V logits."""
+    assert (BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_VOCAB_BLOCK) == (
+        1 / 128, 1 << 20, 64 << 20, 16)
+    logits_bytes = 8192 * 32000 * 4
+    assert vocab_block_layout("api", 8192, 1024, 32000, ms.float32, None) == \
+        logits_bytes // 128 // (8192 * 4)
+    # bfloat16: + its bfloat16 copy and a [block, H] float32 weight-gradient block per column
+    assert vocab_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
+        logits_bytes // 128 // (8192 * 6 + 1024 * 4)
+    assert vocab_block_layout("api", 65536, 1024, 256000, ms.float32, None) == \
+        MAX_BLOCK_WORKSPACE // (65536 * 4)
+    assert vocab_block_layout("api", 10, 8, 37, ms.float32, None) == 37
+    assert vocab_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == MIN_VOCAB_BLOCK
+    assert vocab_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK * V // N
+    assert vocab_block_layout("api", N, H, V, ms.float32, 1) == 1 * V // N
+    assert vocab_block_layout("api", N, H, V, ms.float32, 100) == V
+    assert vocab_block_layout("api", 0, H, V, ms.float32, None) == V
+
+
+def test_backend_choice():
+    choose = backends.choose_linear_cross_entropy_backend
+    assert choose("CPU", onednn_available=True) == backends.CPU_KERNEL
+    assert choose("CPU", onednn_available=False) == backends.MATMUL_CHUNKS
+    assert choose("Ascend", onednn_available=True) == backends.MATMUL_CHUNKS
+    assert choose("CPU", onednn_available=True, preference="matmul_chunks") == \
+        backends.MATMUL_CHUNKS
+    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND=cpu_kernel needs device CPU"):
+        choose("Ascend", onednn_available=True, preference="cpu_kernel")
+    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND must be one of"):
+        choose("CPU", onednn_available=True, preference="fast")
+    # What every other test here relies on: this MindSpore wheel ships oneDNN, so the default on
+    # this machine is the CPU kernel.
+    assert onednn_library() is not None
+    assert backends.linear_cross_entropy_backend(True) == backends.CPU_KERNEL
+
+
+def test_bad_target_is_refused_at_run_time_in_graph_mode(backend):
+    """GRAPH mode cannot check target values before the graph runs: the run fails, naming the
+    value and the valid range (the class-weight gather sees it first; the kernels refuse such
+    targets too, see tests/sanitizers)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    data = make_data()
+    data["target"][4] = V
+    cell = LossCell(ms.Tensor(data["target"]), None, None, ms.Tensor(np.float32(1.0)), {})
+    with pytest.raises(RuntimeError, match=rf"\[0, {V}\), but got {V}"):
+        cell(to_ms(data["hidden"]), to_ms(data["weight"]), None).asnumpy()
+
+
 BAD_INPUTS = {  # keyword overrides -> (exception, message pattern)
     "hidden-rank": ({"hidden": np.zeros((2, 3, H), np.float32)}, ValueError,
                     "`hidden` must be 2-D"),
@@ -408,7 +496,7 @@ class TinyLanguageModel(nn.Cell):
         return self.loss(ops.matmul(hidden, self.lm_head.T), label, mask)
 
 
-def test_training_steps_match_the_unfused_model(mode):
+def test_training_steps_match_the_unfused_model(backend, mode):
     """TrainOneStepCell + SGD: the lm_head Parameter gets the fused gradient; three steps give
     the same losses and parameters as the unfused model."""
     data = make_data(mask=True, ignore_fraction=0.2)

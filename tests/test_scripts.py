@@ -55,9 +55,10 @@ def test_bench_kernels_prints_a_row_per_case():
 def test_bench_linear_cross_entropy_reports_fused_and_unfused(tmp_path, dtype):
     run_script("bench_linear_cross_entropy.py", "--shapes", "64x16x100", "--dtypes", dtype,
                "--impls", "fused,unfused", "--chunk-sizes", "auto,24", "--repeats", "1",
-               "--output-dir", str(tmp_path))
+               "--modes", "graph,pynative_blocking", "--output-dir", str(tmp_path))
     report = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     records = report["results"] if isinstance(report, dict) else report
-    assert len(records) == 3, records
+    assert len(records) == 6, records
+    assert {record["mode"] for record in records} == {"graph", "pynative_blocking"}
     for record in records:
         assert record["status"] == "ok", record

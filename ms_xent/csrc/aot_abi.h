@@ -74,6 +74,15 @@ constexpr int kOk = 0;
 constexpr int kBadArguments = 1;
 constexpr int kTargetOutOfRange = 2;
 
+// The attributes a kernel's <Name>Init stored in `extra` (an AotExtra*), or the defaults of
+// Attrs when there are none (extra is null, or Init did not run).
+template <typename Attrs>
+const Attrs &KernelAttrs(void *extra) {
+  static const Attrs kDefaults;
+  const AotKernelData *data = extra ? static_cast<AotExtra *>(extra)->KernelData() : nullptr;
+  return data ? *static_cast<const Attrs *>(data) : kDefaults;
+}
+
 // Number of elements of a tensor given its shape.
 inline int64_t NumElements(int ndim, const int64_t *shape) {
   int64_t n = 1;

@@ -61,12 +61,6 @@ int ReadAttrs(AotExtra *extra) {
   return kOk;
 }
 
-const CrossEntropyAttrs &GetAttrs(void *extra) {
-  static const CrossEntropyAttrs kDefaults;
-  const AotKernelData *data = extra ? static_cast<AotExtra *>(extra)->KernelData() : nullptr;
-  return data ? *static_cast<const CrossEntropyAttrs *>(data) : kDefaults;
-}
-
 // Single-read log-sum-exp threshold (see RowLogSumExp). A block is first summed against the
 // running max m_old of the blocks before it, while its own max m_B is found from the same read.
 // When m_B > m_old + kDominantMargin the block is summed again against m_B, with SumExpAtMax:
@@ -176,18 +170,6 @@ RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target
 template <typename T>
 void WriteLogProb(const T *row, int64_t C, float lse, T *out) {
   for (int64_t c = 0; c < C; ++c) out[c] = FromFloat<T>(ToFloat(row[c]) - lse);
-}
-
-template <typename Index>
-bool IsValidTarget(Index y, int64_t C) {
-  return static_cast<int64_t>(y) >= 0 && static_cast<int64_t>(y) < C;
-}
-
-float SumWeights(const float *weight, int64_t C, bool weighted) {
-  if (!weighted) return static_cast<float>(C);
-  double total = 0.0;
-  for (int64_t c = 0; c < C; ++c) total += weight[c];
-  return static_cast<float>(total);
 }
 
 // Gradients at least this large are written with streaming stores: far larger than the caches,
@@ -384,7 +366,7 @@ int HardForwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, co
   if ((nparam != 6 && nparam != 7) || ndims[0] != 2) return kBadArguments;
   const int64_t N = shapes[0][0], C = shapes[0][1];
   if (!IsRowVector(ndims, shapes, 1, N) || !IsRowVector(ndims, shapes, 2, C)) return kBadArguments;
-  const CrossEntropyAttrs &attrs = GetAttrs(extra);
+  const auto &attrs = KernelAttrs<CrossEntropyAttrs>(extra);
   return DispatchClassTargets(dtypes, attrs, [&](auto *tag, auto *index_tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Index = std::remove_pointer_t<decltype(index_tag)>;
@@ -407,7 +389,7 @@ int HardBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, c
       !IsRowVector(ndims, shapes, 5, N) || !IsMatrix(ndims, shapes, 6, N, C)) {
     return kBadArguments;
   }
-  const CrossEntropyAttrs &attrs = GetAttrs(extra);
+  const auto &attrs = KernelAttrs<CrossEntropyAttrs>(extra);
   return DispatchClassTargets(dtypes, attrs, [&](auto *tag, auto *index_tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Index = std::remove_pointer_t<decltype(index_tag)>;
@@ -427,7 +409,7 @@ int SoftForwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, co
   const int64_t N = shapes[0][0], C = shapes[0][1];
   if (!IsMatrix(ndims, shapes, 1, N, C) || !IsRowVector(ndims, shapes, 2, C)) return kBadArguments;
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return kBadArguments;
-  const CrossEntropyAttrs &attrs = GetAttrs(extra);
+  const auto &attrs = KernelAttrs<CrossEntropyAttrs>(extra);
   return DispatchSoftTargets(dtypes, attrs, [&](auto *tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return SoftForward<T, decltype(weighted)::value>(
@@ -448,7 +430,7 @@ int SoftBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, c
     return kBadArguments;
   }
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return kBadArguments;
-  const CrossEntropyAttrs &attrs = GetAttrs(extra);
+  const auto &attrs = KernelAttrs<CrossEntropyAttrs>(extra);
   return DispatchSoftTargets(dtypes, attrs, [&](auto *tag, auto weighted) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return SoftBackward<T, decltype(weighted)::value>(

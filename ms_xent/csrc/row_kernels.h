@@ -379,4 +379,20 @@ inline void WriteGradRow(const T *row, int64_t C, float shift, float k, float l,
 
 #endif
 
+// ---- class-index targets, shared by the cross-entropy kernels -------------------------------
+
+// A class index usable as an index into a row of C classes.
+template <typename Index>
+inline bool IsValidTarget(Index y, int64_t C) {
+  return static_cast<int64_t>(y) >= 0 && static_cast<int64_t>(y) < C;
+}
+
+// W = sum_c w[c] (C without class weights), summed in double.
+inline float SumWeights(const float *weight, int64_t C, bool weighted) {
+  if (!weighted) return static_cast<float>(C);
+  double total = 0.0;
+  for (int64_t c = 0; c < C; ++c) total += weight[c];
+  return static_cast<float>(total);
+}
+
 }  // namespace ms_xent

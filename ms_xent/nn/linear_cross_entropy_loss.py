@@ -3,7 +3,7 @@
 The drop-in counterpart of ``ms_xent.nn.CrossEntropyLoss`` for a model that hands its final hidden
 states and its lm_head weight to the loss instead of computing the logits: the same value, shape
 and gradient as ``CrossEntropyLoss()(hidden @ weight.T + bias, label, input_mask)``, computed by
-:func:`ms_xent.ops.linear_cross_entropy` chunk by chunk, so that the [N, V] logits and their
+:func:`ms_xent.ops.linear_cross_entropy` block by block, so that the [N, V] logits and their
 gradient never exist.
 """
 
@@ -53,7 +53,8 @@ class LinearCrossEntropyLoss(nn.Cell):
             per-row values, [N]).
         logit_softcap: cap >= 0 (0 disables the softcap).
         logit_scale: non-zero factor applied to the logits before the softcap.
-        chunk_size: rows per chunk (None: automatic, see :func:`ms_xent.ops.linear_cross_entropy`).
+        chunk_size: logits alive at once, in rows of V (None: automatic, see
+            :func:`ms_xent.ops.linear_cross_entropy`).
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
 
     Inputs:

@@ -69,6 +69,19 @@ the gradient graph is built before kernels are chosen, so the expression is the 
 Calls with pos_weight therefore take the composed route, whose gradients are exact, and the
 built-in is never handed ms_xent's all-ones stand-in for an absent pos_weight.
 
+Fused linear + cross-entropy (:func:`ms_xent.ops.linear_cross_entropy`):
+
+=======================================  ======================  ===================================
+condition                                backend                 reason
+=======================================  ======================  ===================================
+MS_XENT_LINEAR_CE_BACKEND=matmul_chunks  matmul_chunks           user override (A/B, bring-up)
+device CPU and the MindSpore wheel       cpu_kernel              one C++ kernel over oneDNN's
+ships oneDNN (lib/libdnnl.so.3)                                  products, vocabulary blocks
+otherwise                                matmul_chunks           row chunks of MindSpore MatMul +
+                                                                 the fused cross-entropy (any
+                                                                 device)
+=======================================  ======================  ===================================
+
 Environment: ``MS_XENT_ASCEND_BACKEND`` = ``builtin`` (default) | ``aclnn_custom`` | ``composed``
 (read once). It only chooses among the backends able to serve a call: forcing a vendor backend
 never sends it options it cannot compute.
@@ -83,6 +96,9 @@ from mindspore.ops import constexpr
 from ms_xent.ops import ascend_op, composed
 
 CPU_KERNEL = "cpu_kernel"
+MATMUL_CHUNKS = "matmul_chunks"
+LINEAR_BACKEND_VARIABLE = "MS_XENT_LINEAR_CE_BACKEND"
+LINEAR_BACKENDS = (CPU_KERNEL, MATMUL_CHUNKS)
 ASCEND_BUILTIN = "ascend_builtin"
 ASCEND_ACLNN_CUSTOM = "ascend_aclnn_custom"
 COMPOSED = "composed"
@@ -157,6 +173,31 @@ def choose_bce_backend(device_target_name, *, n_elements=-1, pos_weighted=False,
     if vendor == ASCEND_BUILTIN and pos_weighted:
         return COMPOSED
     return vendor
+
+
+def choose_linear_cross_entropy_backend(device_target_name, *, onednn_available,
+                                        preference=None):
+    """The backend of the fused linear + cross-entropy; ``preference``: the value of
+    ``MS_XENT_LINEAR_CE_BACKEND`` (None: automatic)."""
+    if preference is not None and preference not in LINEAR_BACKENDS:
+        raise ValueError(f"{LINEAR_BACKEND_VARIABLE} must be one of {list(LINEAR_BACKENDS)}, "
+                         f"got {preference!r}")
+    if preference == MATMUL_CHUNKS:
+        return MATMUL_CHUNKS
+    if device_target_name == "CPU" and onednn_available:
+        return CPU_KERNEL
+    if preference == CPU_KERNEL:
+        raise ValueError(f"{LINEAR_BACKEND_VARIABLE}=cpu_kernel needs device CPU and a MindSpore "
+                         f"wheel with lib/libdnnl.so.3 (device {device_target_name!r})")
+    return MATMUL_CHUNKS
+
+
+def linear_cross_entropy_backend(onednn_available):
+    """:func:`choose_linear_cross_entropy_backend` for this process (the environment is read at
+    each call, so that tests can switch it)."""
+    preference = os.environ.get(LINEAR_BACKEND_VARIABLE, "").strip().lower() or None
+    return choose_linear_cross_entropy_backend(device_target(), onednn_available=onednn_available,
+                                               preference=preference)
 
 
 def _static_size(dim):

@@ -2,10 +2,18 @@
 
 For a language model's head the logits are the largest activation (N = 8192 tokens and a 128k
 vocabulary make 4 GiB in float32, and their gradient as much again). :func:`linear_cross_entropy`
-processes the rows in chunks: per chunk the logits, the fused cross-entropy forward, and at once
-the chunk's gradient w.r.t. the hidden states and its contribution to the gradient w.r.t. the
-weight and bias (see :mod:`ms_xent.ops.linear_cross_entropy_op`). At most one chunk of logits is
-alive at a time.
+never holds them. Two backends (chosen in :mod:`ms_xent.ops.backend`):
+
+- ``cpu_kernel`` (device CPU): one C++ kernel (:mod:`ms_xent.ops.linear_cross_entropy_cpu_op`)
+  walks over the vocabulary in blocks of all N rows with oneDNN's matrix products; the weight
+  gradient is written once, block by block, and at most one [N, block] block of logits exists.
+- ``matmul_chunks`` (any device): rows in chunks of MindSpore MatMul + the fused cross-entropy
+  (:mod:`ms_xent.ops.linear_cross_entropy_op`): per chunk the logits, the fused cross-entropy
+  forward, and at once the chunk's gradient w.r.t. the hidden states and its contribution to the
+  gradient w.r.t. the weight and bias. At most one chunk of logits is alive at a time.
+
+This module validates the arguments, folds the reduction, mask, class weights and z-loss into
+per-row factors, chooses the block or chunk size, and calls the backend.
 """
 
 import numpy as np
@@ -13,9 +21,9 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import constexpr
 
+from ms_xent.ops import backend, linear_cross_entropy_cpu_op, linear_cross_entropy_op
 from ms_xent.ops.cross_entropy import sum_rows
-from ms_xent.ops.linear_cross_entropy_op import (FLOAT32_BYTES, linear_cross_entropy_rows,
-                                                 linear_cross_entropy_sum, live_row_buffers)
+from ms_xent.ops.linear_cross_entropy_op import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
                                     check_option_values, check_target_values, executing_eagerly)
 
@@ -34,6 +42,16 @@ MIN_WORKSPACE = 64 * MIB
 MAX_WORKSPACE = 256 * MIB
 MIN_CHUNK_ROWS = 256
 MAX_BLOCK_BYTES = 32 * MIB
+
+
+# CPU kernel (vocabulary blocks of all N rows): the block's buffers (float32 logits [N, block],
+# for bfloat16 their bfloat16 copy, for half types a float32 [block, H] weight-gradient block and,
+# for float16, the float32 weight block) get BLOCK_FRACTION of the size of the full float32
+# logits, within [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], and at least MIN_VOCAB_BLOCK rows.
+BLOCK_FRACTION = 1.0 / 128
+MIN_BLOCK_WORKSPACE = 1 * MIB
+MAX_BLOCK_WORKSPACE = 64 * MIB
+MIN_VOCAB_BLOCK = 16
 
 
 def _known(dim):
@@ -128,16 +146,51 @@ def chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size):
         budget = int(min(max(budget, MIN_WORKSPACE), MAX_WORKSPACE))
         chunk_rows = min(max(budget // row_bytes, MIN_CHUNK_ROWS), MAX_WORKSPACE // row_bytes)
     else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-                or chunk_size < 1:
-            raise ValueError(f"{api}: `chunk_size` must be a positive int (rows per chunk) or "
-                             f"None, got {chunk_size!r}")
+        _check_chunk_size(api, chunk_size)
         chunk_rows = int(chunk_size)
     block_bytes = min(chunk_rows * row_bytes // 4, MAX_BLOCK_BYTES)
     chunk_rows = max(1, min(chunk_rows, n_rows))
     n_blocks = -(-n_vocab // max(1, block_bytes // (n_hidden * FLOAT32_BYTES)))
     vocab_block = -(-n_vocab // n_blocks)
     return int(chunk_rows), int(vocab_block)
+
+
+@constexpr
+def vocab_block_layout(api, n_rows, n_hidden, n_vocab, dtype, chunk_size):
+    """Vocabulary rows per block of the CPU kernel.
+
+    Automatic: the block's buffers take BLOCK_FRACTION of the size of the full float32 logits,
+    clamped to [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], with at least MIN_VOCAB_BLOCK rows. A
+    given ``chunk_size`` (rows per chunk of the generic path) keeps the same number of logits
+    alive: ``chunk_size * V`` logits, i.e. ``chunk_size * V / N`` vocabulary rows of all N rows.
+    """
+    if n_rows == 0:
+        return n_vocab
+    if chunk_size is not None:
+        _check_chunk_size(api, chunk_size)
+        return int(min(n_vocab, max(1, chunk_size * n_vocab // n_rows)))
+    column_bytes = n_rows * FLOAT32_BYTES
+    dtype_name = str(dtype)
+    if dtype_name == "BFloat16":
+        column_bytes += n_rows * 2 + n_hidden * FLOAT32_BYTES
+    elif dtype_name == "Float16":
+        column_bytes += 2 * n_hidden * FLOAT32_BYTES
+    budget = n_rows * n_vocab * FLOAT32_BYTES * BLOCK_FRACTION
+    budget = min(max(budget, MIN_BLOCK_WORKSPACE), MAX_BLOCK_WORKSPACE)
+    return int(min(n_vocab, max(MIN_VOCAB_BLOCK, budget // column_bytes)))
+
+
+def _check_chunk_size(api, chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        raise ValueError(f"{api}: `chunk_size` must be a positive int (rows per chunk) or "
+                         f"None, got {chunk_size!r}")
+
+
+@constexpr
+def _linear_backend():
+    return backend.linear_cross_entropy_backend(
+        linear_cross_entropy_cpu_op.onednn_library() is not None)
 
 
 def _check_class_weight_values(api, class_weight):
@@ -189,16 +242,22 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
     ``cross_entropy_loss(...)`` loss + zloss.) With "mean" and a zero denominator (every row
     ignored or masked out) the loss and its gradient are 0.
 
-    Rows are processed in chunks: per chunk the logits (float32), the fused cross-entropy forward
-    and backward, the chunk's rows of d loss / d hidden and its float32 contribution to
-    d loss / d weight and d loss / d bias. For "mean", "sum" and ``return_per_token`` the gradients
-    are computed during the forward (one forward and two gradient matmuls per chunk, like the
-    unfused path; in PYNATIVE mode only while autodiff records, a plain call computes the loss
-    alone) and the backward only scales them by the upstream gradient. For "none" the backward
-    recomputes each chunk's logits (one more matmul per chunk). The matmuls run in float32 (on CPU
-    MindSpore has no bfloat16 matmul: half-precision weights are cast to float32 once per call).
-    In PYNATIVE mode each chunk is a small graph compiled on first use for each chunk shape; in
-    GRAPH mode the chunk loop unrolls at compile time and needs static shapes.
+    For "mean", "sum" and ``return_per_token`` the gradients are computed during the forward
+    (in PYNATIVE mode only while autodiff records; a plain call computes the loss alone) and the
+    backward only scales them by the upstream gradient. For "none" the backward recomputes the
+    logits with the per-row upstream gradients.
+
+    CPU kernel: pass 1 over vocabulary blocks of all N rows computes each block's logits and folds
+    them into a running log-sum-exp per row; pass 2 recomputes each block's logits, turns them
+    into the gradient in place and writes that block's rows of d loss / d weight (and bias) once,
+    accumulating d loss / d hidden. Four matrix products (oneDNN, every core; bfloat16 products
+    with float32 accumulation for bfloat16 inputs, whose logits gradient is rounded to bfloat16 as
+    their operand like the unfused path's bfloat16 gradient; float32 otherwise) where the unfused
+    path has three. Generic path (other devices): rows in chunks of MindSpore MatMul in float32 (the
+    logits, the fused cross-entropy forward and backward, the chunk's rows of d loss / d hidden
+    and its float32 contribution to d loss / d weight); in PYNATIVE mode each chunk is a small
+    graph compiled on first use for each chunk shape; in GRAPH mode the chunk loop unrolls at
+    compile time. Both need static shapes in GRAPH mode.
 
     Args:
         hidden: [N, H] float32 / bfloat16 / float16 hidden states (flatten batch dims first).
@@ -220,13 +279,16 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
         return_per_token: return ``(numerator, denominator)`` = (sum_n v_n, sum_n r_n rho_n), the
             two parts of the "mean" loss, so that gradient accumulation or pipeline stages can sum
             before dividing. Only the numerator is differentiable.
-        chunk_size: rows per chunk. None chooses it so that the chunk's float32 working set
-            (logits and their gradient) is about 1/16 of the size of the full float32 logits,
-            between 64 MiB and 256 MiB, with at least 256 rows where 256 MiB allows; the
+        chunk_size: how many logits are alive at once, as rows of V logits: None chooses it.
+            CPU kernel: vocabulary blocks of all N rows, ``chunk_size * V / N`` vocabulary rows
+            per block; automatically the block's buffers take 1/128 of the size of the full
+            float32 logits, between 1 MiB and 64 MiB, at least 16 vocabulary rows. Generic path:
+            ``chunk_size`` rows per chunk; automatically the chunk's float32 working set (logits
+            and their gradient) is about 1/16 of the size of the full float32 logits, between
+            64 MiB and 256 MiB, with at least 256 rows where 256 MiB allows, and the
             weight-gradient accumulation is split into vocabulary blocks whose [block, H] float32
-            temporaries are at most a quarter of that and 32 MiB. Smaller chunks use less memory
-            and run slower (each chunk re-reads the weight and re-writes the weight-gradient
-            accumulator).
+            temporaries are at most a quarter of that and 32 MiB. Smaller chunks or blocks use
+            less memory and run slower.
 
     Returns:
         float32: 0-d for "mean" / "sum", [N] for "none" (v_n), or ``(numerator, denominator)``,
@@ -281,20 +343,29 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     row_weight = row_weight * row_coef
     z_coef = lse_square_scale_for_zloss * row_weight
 
-    layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
     static = (int(ignore_index), float(label_smoothing), weighted, has_bias, float(logit_softcap),
               float(logit_scale))
+    use_kernel = _linear_backend() == backend.CPU_KERNEL
+    if use_kernel:
+        layout = vocab_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
+    else:
+        layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
+    inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
 
     if reduction == "none":
-        return linear_cross_entropy_rows(static, layout, hidden, weight, bias, target,
-                                         class_weight, row_coef, z_coef)
+        if use_kernel:
+            return linear_cross_entropy_cpu_op.linear_cross_entropy_rows(static, layout, *inputs)
+        return linear_cross_entropy_op.linear_cross_entropy_rows(static, layout, *inputs)
 
     denominator = ops.stop_gradient(sum_rows(row_weight)) + denominator_guard
     if reduction == "mean" and not return_per_token:
         row_coef = _divide_rows(row_coef, denominator)
         z_coef = _divide_rows(z_coef, denominator)
-    total = linear_cross_entropy_sum(static, layout, hidden, weight, bias, target, class_weight,
-                                     row_coef, z_coef)
+    inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
+    if use_kernel:
+        total = linear_cross_entropy_cpu_op.linear_cross_entropy_sum(static, layout, *inputs)
+    else:
+        total = linear_cross_entropy_op.linear_cross_entropy_sum(static, layout, *inputs)
     if return_per_token:
         return total, denominator
     return total

@@ -285,7 +285,8 @@ def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_
     return total, grad_hidden, grad_weight, grad_bias
 
 
-def _no_grads(target, class_weight, row_coef, z_coef):
+def no_input_grads(target, class_weight, row_coef, z_coef):
+    """The zero gradients a bprop returns for the non-differentiated inputs."""
     return (ops.zeros_like(target), ops.zeros_like(class_weight), ops.zeros_like(row_coef),
             ops.zeros_like(z_coef))
 
@@ -304,9 +305,9 @@ class LinearCrossEntropySum(ChunkMath):
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         scale = dout[0]
-        return (_scaled(out[1], scale, hidden.dtype), _scaled(out[2], scale, weight.dtype),
-                _scaled(out[3], scale, bias.dtype)) + _no_grads(target, class_weight, row_coef,
-                                                                 z_coef)
+        grads = (_scaled(out[1], scale, hidden.dtype), _scaled(out[2], scale, weight.dtype),
+                 _scaled(out[3], scale, bias.dtype))
+        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
 class LinearCrossEntropyRows(ChunkMath):
@@ -357,7 +358,8 @@ class LinearCrossEntropyRows(ChunkMath):
             grad_weight = ops.assign_add(grad_weight,
                                          self.weight_matmul(grad_z, hidden_scaled))
         return (grad_hidden.astype(hidden.dtype), grad_weight.astype(weight.dtype),
-                grad_bias.astype(bias.dtype)) + _no_grads(target, class_weight, row_coef, z_coef)
+                grad_bias.astype(bias.dtype)) + no_input_grads(target, class_weight, row_coef,
+                                                                z_coef)
 
 
 class _EagerSum(_Function):

@@ -22,19 +22,20 @@ class FakeAotExtra : public AotExtra {
   ~FakeAotExtra() override { delete KernelData(); }
 
   bool HasAttr(std::string name) override {
-    return ints.count(name) || floats.count(name) || bools.count(name);
+    return ints.count(name) || floats.count(name) || bools.count(name) || strings.count(name);
   }
 
   std::map<std::string, int64_t> ints;
   std::map<std::string, float> floats;
   std::map<std::string, bool> bools;
+  std::map<std::string, std::string> strings;
 
  private:
   // A missing attribute throws std::out_of_range out of an extern "C" call: the runner dies loudly.
   bool GetAttrBool(std::string name) override { return bools.at(name); }
   int64_t GetAttrInt(std::string name) override { return ints.at(name); }
   float GetAttrFloat(std::string name) override { return floats.at(name); }
-  std::string GetAttrStr(std::string name) override { return std::to_string(ints.at(name)); }
+  std::string GetAttrStr(std::string name) override { return strings.at(name); }
   std::vector<int64_t> GetAttrIntVec(std::string) override { return {}; }
   std::vector<float> GetAttrFloatVec(std::string) override { return {}; }
   std::vector<std::vector<int64_t>> GetAttrInt2DVec(std::string) override { return {}; }
@@ -62,4 +63,8 @@ extern "C" void MsXentTestSetFloat(void *extra, const char *name, float value) {
 
 extern "C" void MsXentTestSetBool(void *extra, const char *name, int value) {
   Cast(extra)->bools[name] = value != 0;
+}
+
+extern "C" void MsXentTestSetStr(void *extra, const char *name, const char *value) {
+  Cast(extra)->strings[name] = value;
 }

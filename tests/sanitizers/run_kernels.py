@@ -140,6 +140,8 @@ class Kernels:
                                                       ctypes.c_float]
         self.extra_lib.MsXentTestSetBool.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
                                                      ctypes.c_int]
+        self.extra_lib.MsXentTestSetStr.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                                    ctypes.c_char_p]
         self.calls = 0
         self.failures = []
 
@@ -175,6 +177,8 @@ class Kernels:
                         self.extra_lib.MsXentTestSetBool(extra, name.encode(), int(value))
                     elif isinstance(value, int):
                         self.extra_lib.MsXentTestSetInt(extra, name.encode(), value)
+                    elif isinstance(value, str):
+                        self.extra_lib.MsXentTestSetStr(extra, name.encode(), value.encode())
                     else:
                         self.extra_lib.MsXentTestSetFloat(extra, name.encode(), value)
                 init = getattr(self.lib, symbol + "Init")
@@ -523,6 +527,143 @@ def build(kernel_build):
     return kernel_library, extra_library
 
 
+# ---- fused linear + cross-entropy ----------------------------------------------------------------
+
+# (N, H, V, vocab_block): blocks of 1, blocks that do not divide V, one block, a block above V.
+LINEAR_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 2), (13, 8, 37, 5), (17, 33, 129, 16), (9, 16, 40, 40),
+                 (5, 7, 11, 64), (70, 24, 300, 37), (257, 40, 1000, 129)]
+LINEAR_OPTIONS = [
+    {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False, "has_bias": False,
+     "logit_softcap": 0.0, "logit_scale": 1.0},
+    {"ignore_index": -1, "label_smoothing": 0.1, "weighted": True, "has_bias": True,
+     "logit_softcap": 0.0, "logit_scale": 0.5},
+    {"ignore_index": 2, "label_smoothing": 0.3, "weighted": False, "has_bias": True,
+     "logit_softcap": 4.0, "logit_scale": -1.5},
+]
+
+
+def onednn_library():
+    """mindspore/lib/libdnnl.so.3, found without importing MindSpore."""
+    spec = importlib.util.find_spec("mindspore")
+    return os.path.join(os.path.dirname(spec.origin), "lib", "libdnnl.so.3")
+
+
+def linear_reference(hidden, weight, bias, target, class_weight, row_coef, z_coef, options):
+    """float64 numpy: (value [N], d sum(value) / d hidden, / d weight, / d bias)."""
+    scale, cap, eps = options["logit_scale"], options["logit_softcap"], options["label_smoothing"]
+    z = scale * (hidden @ weight.T + (bias if options["has_bias"] else 0.0))
+    x = cap * np.tanh(z / cap) if cap > 0 else z
+    lse = np.logaddexp.reduce(x, axis=1)
+    log_p = x - lse[:, None]
+    w = class_weight if options["weighted"] else np.ones(weight.shape[0])
+    counted = target != options["ignore_index"]
+    safe = np.where(counted, target, 0)
+    rows = np.arange(len(target))
+    loss = counted * (-(1 - eps) * w[safe] * log_p[rows, safe]
+                      - eps / weight.shape[0] * (w * log_p).sum(1))
+    value = row_coef * loss + z_coef * lse ** 2
+    p = np.exp(log_p)
+    a = row_coef * counted
+    grad_x = (p * (a * ((1 - eps) * w[safe] + eps / weight.shape[0] * w.sum()))[:, None]
+              - (a * eps / weight.shape[0])[:, None] * w + (2 * z_coef * lse)[:, None] * p)
+    grad_x[rows[counted], safe[counted]] -= (a * (1 - eps) * w[safe])[counted]
+    grad_z = grad_x * (1 - (x / cap) ** 2) if cap > 0 else grad_x
+    return (value, scale * grad_z @ weight, scale * grad_z.T @ hidden,
+            scale * grad_z.sum(0))
+
+
+def rounded_to(dtype, values):
+    """values as the kernel sees them in ``dtype``, in float64."""
+    if dtype == "bfloat16":
+        bits = to_bfloat16_bits(values).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return np.asarray(values).astype(NUMPY_TYPES[dtype]).astype(np.float64)
+
+
+def run_linear_cross_entropy(kernels, rng):
+    """XentLinearRows / XentLinearSumGrad over every dtype, block sizes that do and do not divide
+    V, every option, ignored and out-of-range targets (canary-padded buffers; finite outputs
+    checked against a float64 reference), N = 0, non-finite hidden states, and malformed calls."""
+    tolerance = {"float32": 2e-4, "bfloat16": 5e-2, "float16": 5e-3}
+    for number, (dtype, (n, h, v, block)) in enumerate(itertools.product(FLOAT_DTYPES,
+                                                                         LINEAR_SHAPES)):
+        options = LINEAR_OPTIONS[number % len(LINEAR_OPTIONS)]
+        attrs = dict(options, vocab_block=block, gemm_library=onednn_library())
+        what = f"linear {dtype} N={n} H={h} V={v} block={block} {options}"
+        hidden = rng.standard_normal((n, h))
+        weight = rng.standard_normal((v, h)) * 2 / np.sqrt(h)
+        bias = rng.standard_normal(v)
+        target = rng.integers(0, v, n)
+        target[rng.random(n) < 0.2] = options["ignore_index"]
+        class_weight = rng.random(v) + 0.25
+        row_coef = rng.choice([0.0, 1.0, 0.5], n)
+        z_coef = rng.choice([0.0, 1e-3], n)
+        inputs = [Tensor(dtype, (n, h), hidden), Tensor(dtype, (v, h), weight),
+                  Tensor(dtype, (v,), bias), Tensor("int64", (n,), target),
+                  Tensor("float32", (v,), class_weight), Tensor("float32", (n,), row_coef),
+                  Tensor("float32", (n,), z_coef)]
+        rows = kernels.call("XentLinearRows", inputs + [Tensor("float32", (n,))], OK, attrs,
+                            what, canary=True)[-1]
+        outputs = kernels.call("XentLinearSumGrad",
+                               inputs + [Tensor("float32", (1,)), Tensor(dtype, (n, h)),
+                                         Tensor(dtype, (v, h)), Tensor(dtype, (v,))],
+                               OK, attrs, what, canary=True)[-4:]
+        check_finite(kernels, "XentLinearSumGrad", [rows] + outputs, what)
+        value, *grads = linear_reference(
+            rounded_to(dtype, hidden), rounded_to(dtype, weight), rounded_to(dtype, bias),
+            target, class_weight, row_coef, z_coef, options)
+        for name, got, want in (("value", rows, value), ("total", outputs[0], [value.sum()]),
+                                ("grad_hidden", outputs[1], grads[0]),
+                                ("grad_weight", outputs[2], grads[1]),
+                                ("grad_bias", outputs[3], grads[2] * options["has_bias"])):
+            error = np.abs(np.asarray(got) - want).max(initial=0.0)
+            peak = np.abs(want).max(initial=0.0)
+            if error > tolerance[dtype] * (1.0 + peak):
+                kernels.failures.append(f"{name}: max error {error:.3g} (peak {peak:.3g}) ({what})")
+        bad = target.copy()
+        if n:
+            bad[0] = v
+            kernels.call("XentLinearSumGrad",
+                         inputs[:3] + [Tensor("int64", (n,), bad)] + inputs[4:]
+                         + [Tensor("float32", (1,)), Tensor(dtype, (n, h)), Tensor(dtype, (v, h)),
+                            Tensor(dtype, (v,))], TARGET_OUT_OF_RANGE, attrs, what + " bad target")
+    run_linear_cross_entropy_edges(kernels, rng)
+
+
+def run_linear_cross_entropy_edges(kernels, rng):
+    """N = 0; hidden states with inf / NaN; no AotExtra (the matrix-product library is then not
+    loaded: kBadArguments); malformed calls."""
+    attrs = dict(LINEAR_OPTIONS[2], vocab_block=3, gemm_library=onednn_library())
+    n, h, v = 4, 6, 10
+
+    def call(symbol, hidden_shape=(n, h), weight_shape=(v, h), bias=(v,), target=(n,),
+             coef=(n,), outputs=None, expected=OK, extra=attrs, values=None, what=""):
+        hidden = values if values is not None else rng.standard_normal(hidden_shape)
+        tensors = [Tensor("float32", hidden_shape, hidden),
+                   Tensor("float32", weight_shape, rng.standard_normal(weight_shape)),
+                   Tensor("float32", bias), Tensor("int64", target, np.zeros(target)),
+                   Tensor("float32", (weight_shape[0],), np.ones(weight_shape[0])),
+                   Tensor("float32", coef, np.ones(coef)), Tensor("float32", coef, np.ones(coef))]
+        if outputs is None:
+            outputs = ([Tensor("float32", (hidden_shape[0],))] if symbol == "XentLinearRows" else
+                       [Tensor("float32", (1,)), Tensor("float32", hidden_shape),
+                        Tensor("float32", weight_shape), Tensor("float32", bias)])
+        return kernels.call(symbol, tensors + outputs, expected, extra, "linear edge " + what)
+
+    for symbol in ("XentLinearRows", "XentLinearSumGrad"):
+        call(symbol, (0, h), target=(0,), coef=(0,), what="N=0")
+        special = rng.standard_normal((n, h))
+        special[0, 0], special[1, 2], special[2, :] = np.inf, np.nan, -np.inf
+        call(symbol, values=special, what="non-finite hidden")
+        call(symbol, expected=BAD_ARGUMENTS, extra=None, what="no AotExtra")
+        call(symbol, weight_shape=(v, h + 1), bias=(v,), expected=BAD_ARGUMENTS,
+             what="weight columns")
+        call(symbol, bias=(v + 1,), expected=BAD_ARGUMENTS, what="bias length")
+        call(symbol, target=(n + 1,), expected=BAD_ARGUMENTS, what="target length")
+        call(symbol, weight_shape=(0, h), bias=(0,), expected=BAD_ARGUMENTS, what="V=0")
+        call(symbol, outputs=[], expected=BAD_ARGUMENTS, what="parameter count")
+
+
 def main():
     kernel_library, extra_library = build(load_kernel_build())
     print(f"sanitized kernels: {kernel_library}", flush=True)
@@ -531,8 +672,11 @@ def main():
     run_cross_entropy(kernels, rng)
     ce_calls = kernels.calls
     run_bce(kernels, rng)
-    print(f"kernel calls: {kernels.calls} (cross-entropy {ce_calls}, "
-          f"BCE {kernels.calls - ce_calls}); failures: {len(kernels.failures)}")
+    bce_calls = kernels.calls - ce_calls
+    run_linear_cross_entropy(kernels, rng)
+    print(f"kernel calls: {kernels.calls} (cross-entropy {ce_calls}, BCE {bce_calls}, "
+          f"linear cross-entropy {kernels.calls - ce_calls - bce_calls}); "
+          f"failures: {len(kernels.failures)}")
     for failure in kernels.failures[:50]:
         print("  " + failure)
     return 1 if kernels.failures else 0

@@ -1,0 +1,191 @@
+"""Op layer of the fused linear + cross-entropy on CPU: one compiled kernel per call.
+
+``csrc/linear_cross_entropy_kernel.cc`` runs the whole computation (the math is in its header):
+it walks over the vocabulary in blocks of all N rows, computes each block's logits with oneDNN's
+matrix products (the library inside the MindSpore wheel, ``mindspore/lib/libdnnl.so.3``, opened
+by the kernel at run time), the fused cross-entropy, and the gradients w.r.t. hidden, weight and
+bias. Nothing of size [N, V] exists; the weight gradient is written once, block by block.
+
+=====================  =========================================  ===============================
+primitive              inputs                                     outputs
+=====================  =========================================  ===============================
+LinearRows             hidden[N,H], weight[V,H], bias[V],          value[N] float32
+                       target[N], class_weight[V] f32,
+                       row_coef[N] f32, z_coef[N] f32
+LinearSumGrad          same                                       total[1] float32, grad_hidden,
+                                                                  grad_weight, grad_bias (dtype
+                                                                  of hidden)
+=====================  =========================================  ===============================
+
+``value_n = row_coef_n l_n + z_coef_n lse_n^2`` and ``total = sum_n value_n``. The "sum" loss runs
+LinearSumGrad in its forward while gradients are recorded (PYNATIVE) or always (GRAPH), and its
+backward only scales the stored gradients by the upstream gradient; the "rows" loss runs
+LinearRows, and its backward runs LinearSumGrad with the per-row factors times the upstream
+gradient (the logits are recomputed).
+"""
+
+import functools
+import os
+
+import mindspore as ms
+from mindspore import nn
+from mindspore.common import _Function
+from mindspore.graph.api import _pynative_executor
+
+from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive, KernelSpec,
+                                       cached_primitive, dtype_rows)
+from ms_xent.ops.cross_entropy import sum_rows
+from ms_xent.ops.linear_cross_entropy_op import no_input_grads
+from ms_xent.ops.validation import executing_eagerly
+
+ONEDNN_LIBRARY = "libdnnl.so.3"
+_INPUTS = ("hidden", "weight", "bias", "target", "class_weight", "row_coef", "z_coef")
+_F32 = ("float32",)
+LINEAR_ROWS = KernelSpec(
+    "XentLinearRows", _INPUTS, ("value",),
+    dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
+               tie={1: 0, 2: 0}),
+    lambda *input_dtypes: ms.float32)
+LINEAR_SUM_GRAD = KernelSpec(
+    "XentLinearSumGrad", _INPUTS, ("total", "grad_hidden", "grad_weight", "grad_bias"),
+    dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
+               FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, tie={1: 0, 2: 0, 8: 0, 9: 0, 10: 0}),
+    lambda hidden_dtype, *rest: (ms.float32, hidden_dtype, hidden_dtype, hidden_dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_library():
+    """Path of the oneDNN library shipped in the MindSpore wheel, or None when it has none (the
+    functional layer then uses the generic chunked-matmul path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib", ONEDNN_LIBRARY)
+    return path if os.path.exists(path) else None
+
+
+def _attrs(static, vocab_block):
+    ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale = static
+    return {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
+            "weighted": bool(weighted), "has_bias": bool(has_bias),
+            "logit_softcap": float(logit_softcap), "logit_scale": float(logit_scale),
+            "vocab_block": int(vocab_block), "gemm_library": onednn_library()}
+
+
+class LinearRows(AotPrimitive):
+    """value[N] of the fused linear + cross-entropy (no gradients)."""
+
+    def __init__(self, static, vocab_block):
+        super().__init__(LINEAR_ROWS, _attrs(static, vocab_block))
+
+
+class LinearSumGrad(AotPrimitive):
+    """sum_n value_n and its gradients w.r.t. hidden, weight and bias."""
+
+    def __init__(self, static, vocab_block):
+        super().__init__(LINEAR_SUM_GRAD, _attrs(static, vocab_block))
+
+
+def _scaled(grad, scale):
+    """``grad * scale`` in the dtype of grad (multiplied in float32); an upstream gradient of
+    exactly 1 (checked in PYNATIVE mode) returns the stored gradient without a second buffer."""
+    if executing_eagerly() and float(scale.asnumpy().reshape(-1)[0]) == 1.0:
+        return grad
+    return (grad.astype(ms.float32) * scale.astype(ms.float32)).astype(grad.dtype)
+
+
+class _GraphSum(nn.Cell):
+    """GRAPH-mode "sum": the kernel computes the gradients in the forward; the bprop scales them."""
+
+    def __init__(self, static, vocab_block):
+        super().__init__()
+        self.sum_grad = LinearSumGrad(static, vocab_block)
+
+    def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
+        return self.sum_grad(hidden, weight, bias, target, class_weight, row_coef, z_coef)
+
+    def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
+        scale = dout[0]
+        if (scale == 1).all():
+            grads = (out[1], out[2], out[3])
+        else:
+            grads = (_scaled(out[1], scale), _scaled(out[2], scale), _scaled(out[3], scale))
+        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
+
+
+class _GraphRows(nn.Cell):
+    """GRAPH-mode "rows": value[N]; the bprop recomputes the logits with the upstream factors."""
+
+    def __init__(self, static, vocab_block):
+        super().__init__()
+        self.rows = LinearRows(static, vocab_block)
+        self.sum_grad = LinearSumGrad(static, vocab_block)
+
+    def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
+        return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)
+
+    def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
+        _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
+            hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
+        return (grad_hidden, grad_weight, grad_bias) + no_input_grads(target, class_weight,
+                                                                      row_coef, z_coef)
+
+
+class _EagerSum(_Function):
+    """PYNATIVE "sum": with gradients recorded, they wait in the context until the backward
+    scales them; a plain call runs the forward-only kernel."""
+
+    @staticmethod
+    def forward(ctx, static, vocab_block, with_grads, *inputs):
+        if not with_grads:
+            return sum_rows(cached_primitive(LinearRows, static, vocab_block)(*inputs))
+        total, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+        ctx.grads = grads
+        return total.reshape(())
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, None) + tuple(_scaled(grad, dout) for grad in grads) + (None,) * 4
+
+
+class _EagerRows(_Function):
+    """PYNATIVE "rows": keeps the inputs; the backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, static, vocab_block, *inputs):
+        ctx.static = static
+        ctx.vocab_block = vocab_block
+        ctx.inputs = inputs
+        return cached_primitive(LinearRows, static, vocab_block)(*inputs)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
+            ctx.inputs, None
+        _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
+            hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
+        return (None, None) + tuple(grads) + (None,) * 4
+
+
+def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, class_weight,
+                             row_coef, z_coef):
+    """float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
+    weight and bias.
+
+    ``static`` = (ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale);
+    ``vocab_block``: vocabulary rows per block. Tensor inputs: hidden [N, H], weight [V, H],
+    bias [V] (not read when has_bias is False), target [N] int, class_weight [V] float32,
+    row_coef [N] and z_coef [N] float32 (not differentiated).
+    """
+    inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
+    if executing_eagerly():
+        return _EagerSum.apply(static, vocab_block, _pynative_executor.requires_grad(), *inputs)
+    return _GraphSum(static, vocab_block)(*inputs)[0].reshape(())
+
+
+def linear_cross_entropy_rows(static, vocab_block, hidden, weight, bias, target, class_weight,
+                              row_coef, z_coef):
+    """float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``; arguments as
+    :func:`linear_cross_entropy_sum`."""
+    inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
+    if executing_eagerly():
+        return _EagerRows.apply(static, vocab_block, *inputs)
+    return _GraphRows(static, vocab_block)(*inputs)
