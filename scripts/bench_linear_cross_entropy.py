@@ -14,7 +14,7 @@ Modes (``--modes``, default ``graph,pynative``): ``graph`` (GRAPH_MODE, how Mind
 ``pynative``, and ``pynative_blocking`` (PYNATIVE with ``mindspore.runtime.launch_blocking()``).
 The last one exists because in plain PYNATIVE MindSpore 2.9's Python thread busy-waits on a core
 while a kernel runs: on a 2-core machine that takes about a third of the CPU from multi-threaded
-kernels (measured here: the fused CPU kernel 7.4 s blocking vs 14-17 s plain at 8192 x 1024 x
+kernels (measured here: the fused CPU kernel 8.6 s blocking vs 16.4 s plain at 8192 x 1024 x
 32000 float32).
 
 Method: one fresh subprocess per (implementation, shape, dtype, mode). It imports its framework,
