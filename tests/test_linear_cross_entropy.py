@@ -400,11 +400,13 @@ def test_backend_choice():
     choose = backends.choose_linear_cross_entropy_backend
     assert choose("CPU", onednn_available=True) == backends.CPU_KERNEL
     assert choose("CPU", onednn_available=False) == backends.MATMUL_CHUNKS
-    assert choose("Ascend", onednn_available=True) == backends.MATMUL_CHUNKS
     assert choose("CPU", onednn_available=True, preference="matmul_chunks") == \
         backends.MATMUL_CHUNKS
-    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND=cpu_kernel needs device CPU"):
-        choose("Ascend", onednn_available=True, preference="cpu_kernel")
+    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND=cpu_kernel needs a MindSpore"):
+        choose("CPU", onednn_available=False, preference="cpu_kernel")
+    for device in ("Ascend", "GPU"):
+        with pytest.raises(NotImplementedError, match=f"CPU only .* the device is '{device}'"):
+            choose(device, onednn_available=True)
     with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND must be one of"):
         choose("CPU", onednn_available=True, preference="fast")
     # What every other test here relies on: this MindSpore wheel ships oneDNN, so the default on

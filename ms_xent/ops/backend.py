@@ -69,17 +69,17 @@ the gradient graph is built before kernels are chosen, so the expression is the 
 Calls with pos_weight therefore take the composed route, whose gradients are exact, and the
 built-in is never handed ms_xent's all-ones stand-in for an absent pos_weight.
 
-Fused linear + cross-entropy (:func:`ms_xent.ops.linear_cross_entropy`):
+Fused linear + cross-entropy (:func:`ms_xent.ops.linear_cross_entropy`), CPU only in this
+release (both backends run ms_xent's CPU kernels; another device raises NotImplementedError):
 
 =======================================  ======================  ===================================
 condition                                backend                 reason
 =======================================  ======================  ===================================
 MS_XENT_LINEAR_CE_BACKEND=matmul_chunks  matmul_chunks           user override (A/B, bring-up)
-device CPU and the MindSpore wheel       cpu_kernel              one C++ kernel over oneDNN's
-ships oneDNN (lib/libdnnl.so.3)                                  products, vocabulary blocks
+the MindSpore wheel ships oneDNN         cpu_kernel              one C++ kernel over oneDNN's
+(lib/libdnnl.so.3)                                               products, vocabulary blocks
 otherwise                                matmul_chunks           row chunks of MindSpore MatMul +
-                                                                 the fused cross-entropy (any
-                                                                 device)
+                                                                 the fused cross-entropy kernels
 =======================================  ======================  ===================================
 
 Environment: ``MS_XENT_ASCEND_BACKEND`` = ``builtin`` (default) | ``aclnn_custom`` | ``composed``
@@ -182,14 +182,17 @@ def choose_linear_cross_entropy_backend(device_target_name, *, onednn_available,
     if preference is not None and preference not in LINEAR_BACKENDS:
         raise ValueError(f"{LINEAR_BACKEND_VARIABLE} must be one of {list(LINEAR_BACKENDS)}, "
                          f"got {preference!r}")
-    if preference == MATMUL_CHUNKS:
+    if device_target_name != "CPU":
+        raise NotImplementedError(
+            f"linear_cross_entropy runs on CPU only in this release (both of its backends use "
+            f"ms_xent's CPU kernels); the device is {device_target_name!r}. Compute the logits "
+            f"and use ms_xent.nn.CrossEntropyLoss there.")
+    if preference == CPU_KERNEL and not onednn_available:
+        raise ValueError(f"{LINEAR_BACKEND_VARIABLE}=cpu_kernel needs a MindSpore wheel with "
+                         f"lib/libdnnl.so.3")
+    if preference == MATMUL_CHUNKS or not onednn_available:
         return MATMUL_CHUNKS
-    if device_target_name == "CPU" and onednn_available:
-        return CPU_KERNEL
-    if preference == CPU_KERNEL:
-        raise ValueError(f"{LINEAR_BACKEND_VARIABLE}=cpu_kernel needs device CPU and a MindSpore "
-                         f"wheel with lib/libdnnl.so.3 (device {device_target_name!r})")
-    return MATMUL_CHUNKS
+    return CPU_KERNEL
 
 
 def linear_cross_entropy_backend(onednn_available):

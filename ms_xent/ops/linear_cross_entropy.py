@@ -2,12 +2,13 @@
 
 For a language model's head the logits are the largest activation (N = 8192 tokens and a 128k
 vocabulary make 4 GiB in float32, and their gradient as much again). :func:`linear_cross_entropy`
-never holds them. Two backends (chosen in :mod:`ms_xent.ops.backend`):
+never holds them. It runs on CPU, with two backends (chosen in :mod:`ms_xent.ops.backend`):
 
-- ``cpu_kernel`` (device CPU): one C++ kernel (:mod:`ms_xent.ops.linear_cross_entropy_cpu_op`)
+- ``cpu_kernel`` (default): one C++ kernel (:mod:`ms_xent.ops.linear_cross_entropy_cpu_op`)
   walks over the vocabulary in blocks of all N rows with oneDNN's matrix products; the weight
   gradient is written once, block by block, and at most one [N, block] block of logits exists.
-- ``matmul_chunks`` (any device): rows in chunks of MindSpore MatMul + the fused cross-entropy
+- ``matmul_chunks`` (without oneDNN, or chosen): rows in chunks of MindSpore MatMul + the fused
+  cross-entropy kernels
   (:mod:`ms_xent.ops.linear_cross_entropy_op`): per chunk the logits, the fused cross-entropy
   forward, and at once the chunk's gradient w.r.t. the hidden states and its contribution to the
   gradient w.r.t. the weight and bias. At most one chunk of logits is alive at a time.
@@ -253,11 +254,12 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
     accumulating d loss / d hidden. Four matrix products (oneDNN, every core; bfloat16 products
     with float32 accumulation for bfloat16 inputs, whose logits gradient is rounded to bfloat16 as
     their operand like the unfused path's bfloat16 gradient; float32 otherwise) where the unfused
-    path has three. Generic path (other devices): rows in chunks of MindSpore MatMul in float32 (the
-    logits, the fused cross-entropy forward and backward, the chunk's rows of d loss / d hidden
-    and its float32 contribution to d loss / d weight); in PYNATIVE mode each chunk is a small
-    graph compiled on first use for each chunk shape; in GRAPH mode the chunk loop unrolls at
-    compile time. Both need static shapes in GRAPH mode.
+    path has three. Chunked path (``MS_XENT_LINEAR_CE_BACKEND=matmul_chunks``, or a MindSpore
+    without oneDNN): rows in chunks of MindSpore MatMul in float32 (the logits, the fused
+    cross-entropy forward and backward, the chunk's rows of d loss / d hidden and its float32
+    contribution to d loss / d weight); in PYNATIVE mode each chunk is a small graph compiled on
+    first use for each chunk shape; in GRAPH mode the chunk loop unrolls at compile time. Both
+    need static shapes in GRAPH mode. CPU only: another device raises NotImplementedError.
 
     Args:
         hidden: [N, H] float32 / bfloat16 / float16 hidden states (flatten batch dims first).
@@ -282,7 +284,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
         chunk_size: how many logits are alive at once, as rows of V logits: None chooses it.
             CPU kernel: vocabulary blocks of all N rows, ``chunk_size * V / N`` vocabulary rows
             per block; automatically the block's buffers take 1/128 of the size of the full
-            float32 logits, between 1 MiB and 64 MiB, at least 16 vocabulary rows. Generic path:
+            float32 logits, between 1 MiB and 64 MiB, at least 16 vocabulary rows. Chunked path:
             ``chunk_size`` rows per chunk; automatically the chunk's float32 working set (logits
             and their gradient) is about 1/16 of the size of the full float32 logits, between
             64 MiB and 256 MiB, with at least 256 rows where 256 MiB allows, and the
