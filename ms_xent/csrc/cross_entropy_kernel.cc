@@ -85,24 +85,19 @@ constexpr float kDominantMargin = 4.0f;
 template <typename T>
 float RowLogSumExp(const T *row, int64_t C) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
-  // sum over [begin, end) against the block's own max (two passes over the L1-resident block)
-  auto sum_at_own_max = [&](int64_t begin, int64_t end, float block_max) {
-    if (std::isfinite(block_max)) return SumExpAtMax(row, begin, end, block_max);
-    return SumExp(row, begin, end, block_max == kNegInf ? 0.0f : block_max);
-  };
   float running_max = kNegInf;
   float sum_exp = 0.0f;
   for (int64_t begin = 0; begin < C; begin += kBlock) {
     const int64_t end = begin + kBlock < C ? begin + kBlock : C;
     if (running_max == kNegInf) {
       running_max = BlockMax(row, begin, end);
-      sum_exp += sum_at_own_max(begin, end, running_max);
+      sum_exp += SumExpAtOwnMax(row, begin, end, running_max);
       continue;
     }
     float block_max;
     const float block_exp = SumExpMax(row, begin, end, running_max, &block_max);
     if (block_max > running_max + kDominantMargin) {
-      sum_exp = sum_exp * FastExp(running_max - block_max) + sum_at_own_max(begin, end, block_max);
+      sum_exp = sum_exp * FastExp(running_max - block_max) + SumExpAtOwnMax(row, begin, end, block_max);
       running_max = block_max;
     } else if (block_max > running_max) {
       sum_exp = (sum_exp + block_exp) * FastExp(running_max - block_max);

@@ -167,7 +167,9 @@ class LinearCrossEntropy {
     if (int status = Prepare(); status != kOk) return status;
     for (int64_t v0 = 0; v0 < V_; v0 += block_) {
       const int64_t width = v0 + block_ < V_ ? block_ : V_ - v0;
-      if (int status = LogitsBlock(v0, width); status != kOk) return status;
+      if (int status = LogitsBlock(v0, width, WeightOperand(v0, width)); status != kOk) {
+        return status;
+      }
 #pragma omp parallel for schedule(dynamic, kRowsPerTask) if (N_ * width > 32768)
       for (int64_t n = 0; n < N_; ++n) FoldBlock(n, v0, width);
     }
@@ -231,7 +233,8 @@ class LinearCrossEntropy {
     const float scale = attrs_.logit_scale;
     for (int64_t v0 = 0; v0 < V_; v0 += block_) {
       const int64_t width = v0 + block_ < V_ ? block_ : V_ - v0;
-      if (int status = LogitsBlock(v0, width); status != kOk) return status;
+      const G *weight_rows = WeightOperand(v0, width);  // for both products of the block
+      if (int status = LogitsBlock(v0, width, weight_rows); status != kOk) return status;
 #pragma omp parallel for schedule(dynamic, kRowsPerTask) if (N_ * width > 32768)
       for (int64_t n = 0; n < N_; ++n) GradRow(n, v0, width);
       if (attrs_.has_bias) BiasGradBlock(bias_partial.get(), v0, width, grad_bias);
@@ -243,7 +246,7 @@ class LinearCrossEntropy {
       if (!kFloat) ConvertRows(dw, grad_weight + v0 * H_, width * H_);
       // dL/dh += s g W[v0:v1]: [N, H].
       status |= ParallelGemm(*attrs_.gemm, false, false, N_, H_, width, scale, g, width,
-                             WeightOperand(v0, width), H_, v0 == 0 ? 0.0f : 1.0f, dh, H_);
+                             weight_rows, H_, v0 == 0 ? 0.0f : 1.0f, dh, H_);
       if (status != 0) return ReportGemmFailure(status);
     }
     if (!kFloat) ConvertRows(dh, grad_hidden, N_ * H_);
@@ -298,12 +301,13 @@ class LinearCrossEntropy {
     }
   }
 
-  // logits_[N, width] = x of the block: s h W[v0:v1]^T (+ s b), softcapped.
-  int LogitsBlock(int64_t v0, int64_t width) {
+  // logits_[N, width] = x of the block: s h W[v0:v1]^T (+ s b), softcapped; weight_rows is
+  // WeightOperand(v0, width).
+  int LogitsBlock(int64_t v0, int64_t width, const G *weight_rows) {
     float *x = logits_.get();
     const int status = ParallelGemm(*attrs_.gemm, false, true, N_, width, H_,
-                                    attrs_.logit_scale, HiddenOperand(), H_,
-                                    WeightOperand(v0, width), H_, 0.0f, x, width);
+                                    attrs_.logit_scale, HiddenOperand(), H_, weight_rows, H_,
+                                    0.0f, x, width);
     if (status != 0) return ReportGemmFailure(status);
     const bool has_bias = attrs_.has_bias;
     const float cap = attrs_.logit_softcap;
@@ -328,22 +332,18 @@ class LinearCrossEntropy {
   //   block max m_B > m:  s = s exp(m - m_B) + sum_B exp(x - m_B),  m = m_B
   //   otherwise:          s = s + sum_B exp(x - m)
   // While every element seen is -inf (or NaN) the max is -inf and the block is summed against
-  // its own max (0 in place of -inf), which keeps NaN and gives exp(-inf) = 0.
+  // its own max (SumExpAtOwnMax: 0 in place of -inf), which keeps NaN and gives exp(-inf) = 0.
   void FoldBlock(int64_t n, int64_t v0, int64_t width) {
     const float *row = logits_.get() + n * width;
     RowState &state = rows_[n];
     const float kNegInf = -std::numeric_limits<float>::infinity();
     const float block_max = BlockMax(row, 0, width);
-    auto sum_at_own_max = [&]() {
-      if (std::isfinite(block_max)) return SumExpAtMax(row, 0, width, block_max);
-      return SumExp(row, 0, width, block_max == kNegInf ? 0.0f : block_max);
-    };
     if (v0 == 0) state.ref = std::isfinite(block_max) ? block_max : 0.0f;
     if (state.max == kNegInf) {
-      state.sum_exp += sum_at_own_max();
+      state.sum_exp += SumExpAtOwnMax(row, 0, width, block_max);
       state.max = block_max;
     } else if (block_max > state.max) {
-      state.sum_exp = state.sum_exp * FastExp(state.max - block_max) + sum_at_own_max();
+      state.sum_exp = state.sum_exp * FastExp(state.max - block_max) + SumExpAtOwnMax(row, 0, width, block_max);
       state.max = block_max;
     } else {
       state.sum_exp += SumExp(row, 0, width, state.max);

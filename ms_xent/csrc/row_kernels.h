@@ -28,6 +28,7 @@
 // tricks the portable FastExp needs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -378,6 +379,17 @@ inline void WriteGradRow(const T *row, int64_t C, float shift, float k, float l,
 }
 
 #endif
+
+// sum_{c in [begin, end)} exp(x[c] - block_max) against the block's own max: SumExpAtMax when
+// that max is finite; while every element is -inf (or NaN) the max is -inf and the block is summed
+// against 0 instead (exp(-inf) = 0, NaN stays NaN, where -inf - (-inf) would make NaN); a +inf
+// max makes the sum NaN (inf - inf), as log_softmax does.
+template <typename T>
+inline float SumExpAtOwnMax(const T *row, int64_t begin, int64_t end, float block_max) {
+  if (std::isfinite(block_max)) return SumExpAtMax(row, begin, end, block_max);
+  const bool all_minus_inf = block_max == -std::numeric_limits<float>::infinity();
+  return SumExp(row, begin, end, all_minus_inf ? 0.0f : block_max);
+}
 
 // ---- class-index targets, shared by the cross-entropy kernels -------------------------------
 

@@ -35,7 +35,7 @@ from mindspore.graph.api import _pynative_executor
 from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive, KernelSpec,
                                        cached_primitive, dtype_rows)
 from ms_xent.ops.cross_entropy import sum_rows
-from ms_xent.ops.linear_cross_entropy_op import no_input_grads
+from ms_xent.ops.linear_cross_entropy_op import no_input_grads, scaled_gradient
 from ms_xent.ops.validation import executing_eagerly
 
 ONEDNN_LIBRARY = "libdnnl.so.3"
@@ -56,7 +56,7 @@ LINEAR_SUM_GRAD = KernelSpec(
 @functools.lru_cache(maxsize=None)
 def onednn_library():
     """Path of the oneDNN library shipped in the MindSpore wheel, or None when it has none (the
-    functional layer then uses the generic chunked-matmul path)."""
+    functional layer then uses the chunked MatMul path)."""
     path = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib", ONEDNN_LIBRARY)
     return path if os.path.exists(path) else None
 
@@ -83,14 +83,6 @@ class LinearSumGrad(AotPrimitive):
         super().__init__(LINEAR_SUM_GRAD, _attrs(static, vocab_block))
 
 
-def _scaled(grad, scale):
-    """``grad * scale`` in the dtype of grad (multiplied in float32); an upstream gradient of
-    exactly 1 (checked in PYNATIVE mode) returns the stored gradient without a second buffer."""
-    if executing_eagerly() and float(scale.asnumpy().reshape(-1)[0]) == 1.0:
-        return grad
-    return (grad.astype(ms.float32) * scale.astype(ms.float32)).astype(grad.dtype)
-
-
 class _GraphSum(nn.Cell):
     """GRAPH-mode "sum": the kernel computes the gradients in the forward; the bprop scales them."""
 
@@ -106,7 +98,7 @@ class _GraphSum(nn.Cell):
         if (scale == 1).all():
             grads = (out[1], out[2], out[3])
         else:
-            grads = (_scaled(out[1], scale), _scaled(out[2], scale), _scaled(out[3], scale))
+            grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[1:])
         return grads + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
@@ -143,7 +135,7 @@ class _EagerSum(_Function):
     @staticmethod
     def backward(ctx, dout):
         grads, ctx.grads = ctx.grads, None
-        return (None, None, None) + tuple(_scaled(grad, dout) for grad in grads) + (None,) * 4
+        return (None, None, None) + tuple(scaled_gradient(grad, dout, grad.dtype) for grad in grads) + (None,) * 4
 
 
 class _EagerRows(_Function):

@@ -80,12 +80,12 @@ def _zloss_lse(lse, z_coef):
     return ops.select(z_coef != 0, lse, ops.zeros(lse.shape, lse.dtype))
 
 
-def _scaled(grad, scale, dtype):
+def scaled_gradient(grad, scale, dtype):
     """``grad * scale`` in ``dtype``, multiplied in float32; an upstream gradient of exactly 1
     (checked in PYNATIVE mode) returns the stored gradient without a second buffer."""
     if executing_eagerly() and float(scale.asnumpy()) == 1.0:
         return grad if grad.dtype == dtype else grad.astype(dtype)
-    return (grad * scale.astype(ms.float32)).astype(dtype)
+    return (grad.astype(ms.float32) * scale.astype(ms.float32)).astype(dtype)
 
 
 class ChunkMath(nn.Cell):
@@ -305,8 +305,8 @@ class LinearCrossEntropySum(ChunkMath):
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         scale = dout[0]
-        grads = (_scaled(out[1], scale, hidden.dtype), _scaled(out[2], scale, weight.dtype),
-                 _scaled(out[3], scale, bias.dtype))
+        grads = (scaled_gradient(out[1], scale, hidden.dtype), scaled_gradient(out[2], scale, weight.dtype),
+                 scaled_gradient(out[3], scale, bias.dtype))
         return grads + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
@@ -378,7 +378,7 @@ class _EagerSum(_Function):
     @staticmethod
     def backward(ctx, dout):
         grads, ctx.grads = ctx.grads, None
-        scaled = tuple(_scaled(grad, dout, dtype) for grad, dtype in zip(grads, ctx.dtypes))
+        scaled = tuple(scaled_gradient(grad, dout, dtype) for grad, dtype in zip(grads, ctx.dtypes))
         return (None, None, None) + scaled + (None, None, None, None)
 
 
