@@ -33,10 +33,10 @@ DEFAULT_SHAPES = ("4096x8080", "8192x32000", "2048x128256", "4096x151936")
 
 
 def kernel_library():
-    """Path of the library built from this checkout (ms_xent/kernel_build.py, loaded by path:
+    """Path of the library built from this checkout (ms_xent/_backends/cpu/build.py, loaded by path:
     importing the ms_xent package would import MindSpore)."""
     spec = importlib.util.spec_from_file_location("ms_xent_kernel_build",
-                                                  REPO / "ms_xent" / "kernel_build.py")
+                                                  REPO / "ms_xent" / "_backends" / "cpu" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.kernel_library()

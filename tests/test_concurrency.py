@@ -1,7 +1,7 @@
 """Two threads calling the fused kernels at the same time get the single-threaded results
 (issue 10, item 4).
 
-What is tested: the production kernel library (``ms_xent.kernel_build.kernel_library()``, the
+What is tested: the production kernel library (``ms_xent._backends.cpu.build.kernel_library()``, the
 one every ops.Custom primitive runs) called from two Python threads at once through its C ABI,
 exactly as MindSpore's aot launcher calls it. ctypes releases the GIL during a foreign call, so
 both kernels really run concurrently: one thread's kernels with an OpenMP team of two (the inputs
@@ -27,7 +27,7 @@ import threading
 import numpy as np
 import mindspore as ms
 
-from ms_xent.kernel_build import kernel_library
+from ms_xent._backends.cpu.build import kernel_library
 from tests.reference import (assert_close, assert_close_to_peak, numpy_cross_entropy, rounded,
                              to_ms, to_numpy, torch_bce_with_logits)
 

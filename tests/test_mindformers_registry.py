@@ -102,8 +102,8 @@ def test_import_writes_nothing_to_the_working_directory(tmp_path):
     script = (
         "import json, os\n"
         "import ms_xent.mindformers\n"
-        "from ms_xent.kernel_build import _cache_root\n"
-        "print(json.dumps({'root': _cache_root(), 'log': os.environ['LOG_MF_PATH'],\n"
+        "from ms_xent._backends.cpu.build import cache_root\n"
+        "print(json.dumps({'root': cache_root(), 'log': os.environ['LOG_MF_PATH'],\n"
         "                  'modules': os.environ['OM_MODULES_CACHE']}))\n")
     env = {key: value for key, value in os.environ.items()
            if key not in ("LOG_MF_PATH", "OM_MODULES_CACHE")}

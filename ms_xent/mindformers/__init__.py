@@ -24,12 +24,12 @@ imported earlier.
 
 import os
 
-from ms_xent.kernel_build import _cache_root
+from ms_xent._backends.cpu.build import cache_root
 
 
 def _set_mindformers_paths():
     """Default LOG_MF_PATH and OM_MODULES_CACHE outside the working directory."""
-    root = os.path.join(_cache_root(), "mindformers")
+    root = os.path.join(cache_root(), "mindformers")
     os.environ.setdefault("LOG_MF_PATH", os.path.join(root, "log"))
     os.environ.setdefault("OM_MODULES_CACHE", os.path.join(root, "modules"))
 

@@ -3,7 +3,7 @@
 A kernel is described by a :class:`KernelSpec` (its exported symbol, input/output names, the
 dtype combinations it accepts and its attributes); :class:`AotPrimitive` turns a spec plus
 attribute values into a primitive whose kernel is the compiled library from
-:mod:`ms_xent.kernel_build`. Output shapes come from the C++ ``<Symbol>InferShape`` functions
+:mod:`ms_xent._backends.cpu.build`. Output shapes come from the C++ ``<Symbol>InferShape`` functions
 (needed for GRAPH_MODE with dynamic shapes); output dtypes from a Python rule.
 
 Primitives are created through :func:`cached_primitive` so that PyNative code reuses one
@@ -18,7 +18,7 @@ from mindspore import ops
 from mindspore.ops import CustomRegOp
 from mindspore.ops._primitive_cache import _get_cache_prim
 
-from ms_xent.kernel_build import kernel_library
+from ms_xent._backends.cpu.build import kernel_library
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")

@@ -44,7 +44,7 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import auto_generate as generated_ops
 
-from ms_xent.kernel_build import _cache_root
+from ms_xent._backends.cpu.build import cache_root
 from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, KernelSpec, build_reg_info, cached_primitive,
                                        dtype_rows)
 from ms_xent.ops.composed import binary_cross_entropy_with_logits_grad, safe_divide
@@ -155,7 +155,7 @@ def _keep_callback_build_out_of_cwd():
     """On Ascend, ``ops.Custom`` compiles a small aclnn callback into ``MS_COMPILER_CACHE_PATH``,
     which defaults to ``./custom_kernel_meta/``; point it at ms_xent's cache unless it is set."""
     if not os.environ.get("MS_COMPILER_CACHE_PATH"):
-        os.environ["MS_COMPILER_CACHE_PATH"] = os.path.join(_cache_root(), "aclnn_callbacks")
+        os.environ["MS_COMPILER_CACHE_PATH"] = os.path.join(cache_root(), "aclnn_callbacks")
 
 
 def _zero_gradient(optional_tensor):

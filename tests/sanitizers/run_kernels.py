@@ -51,9 +51,9 @@ _libc.free.argtypes = [ctypes.c_void_p]
 
 
 def load_kernel_build():
-    """ms_xent/kernel_build.py, loaded by path: importing the ms_xent package imports MindSpore."""
+    """ms_xent/_backends/cpu/build.py, loaded by path: importing the ms_xent package imports MindSpore."""
     spec = importlib.util.spec_from_file_location(
-        "ms_xent_kernel_build", os.path.join(REPO, "ms_xent", "kernel_build.py"))
+        "ms_xent_kernel_build", os.path.join(REPO, "ms_xent", "_backends", "cpu", "build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -25,7 +25,9 @@ import shutil
 import subprocess
 import tempfile
 
-CSRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+# The kernel sources live at ms_xent/csrc (the kernel-source layer), two levels above this module.
+CSRC_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                        os.pardir, "csrc"))
 LIBRARY_NAME = "libms_xent_kernels.so"
 
 # -fno-trapping-math lets GCC vectorise the exp/select loops; -ffp-contract=fast allows FMA.
@@ -44,7 +46,7 @@ class KernelBuildError(RuntimeError):
     """The CPU kernels could not be compiled."""
 
 
-def _cache_root():
+def cache_root():
     root = os.environ.get("MS_XENT_CACHE_DIR")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -116,7 +118,7 @@ def kernel_library():
     """Absolute path of the compiled kernel library, building it if no valid copy is cached."""
     compiler = _compiler()
     flags = build_flags()
-    directory = os.path.join(_cache_root(), _cache_key(compiler, flags))
+    directory = os.path.join(cache_root(), _cache_key(compiler, flags))
     library = os.path.join(directory, LIBRARY_NAME)
     if os.path.exists(library):
         return library
