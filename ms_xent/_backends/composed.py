@@ -13,16 +13,18 @@ Everything is computed in float32 and cast back to the input dtype at the end.
   only float32 [N] per-row values from the forward (loss, lse, the row's weight, and the shift
   state (row_max, log_sum)) and its bprop recomputes the softmax from the logits, as the CPU
   kernels do. Nothing [N, C] lives from the forward to the backward besides the logits.
-- :func:`cross_entropy_loss` (the vendor-compatible op, which returns log_prob [N, C] anyway)
-  takes its gradient from MindSpore's autodiff; :func:`cross_entropy_loss_grad`, whose input is
-  ``log_prob`` rather than the logits, is the closed form of SPEC section 2.
+- :func:`cross_entropy_loss` (the vendor-compatible op) reduces the rows of the same
+  :class:`RowsCell` and returns log_prob = (x - m_n) - log_sum_n (not differentiable);
+  :func:`cross_entropy_loss_grad`, whose input is ``log_prob`` rather than the logits, is the
+  closed form of SPEC section 2.
 
-Numerics:
-- lse_n = m_n + log_sum_n, log_sum_n = log(sum_c exp(x[n,c] - m_n)), m_n = max_c x[n,c] (0 when it
-  is not finite, so a row of -inf logits has lse = -inf and NaN / +inf propagate). The softmax of
-  the backward is exp((x - m_n) - log_sum_n): no cancellation at huge offsets. In the autodiff
-  path m_n is held constant (``stop_gradient``): the gradient of lse w.r.t. m_n is exactly 0.
-- -log_prob = lse - x, never -log(softmax(x)).
+Numerics (as the CPU kernels):
+- lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
+  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = log1p((count - 1) + rest)
+  (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
+  non-negative terms: no digits lost at huge offsets, full relative precision on confident rows.
+- The softmax of the backward is exp((x - m_n) - log_sum_n), and the target's entry p[y] - 1 is
+  expm1(log p[y]), never p[y] - 1.
 - Ignored rows contribute exactly 0 to the loss, the z-loss and the gradient even when their
   logits are -inf (selection, not multiplication by the mask, as in the kernels).
 - BCE uses softplus: -log(sigmoid(x)) = softplus(-x), -log(1 - sigmoid(x)) = x + softplus(-x).
@@ -33,48 +35,11 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, total
-from ms_xent._backends._reductions import reduce_rows, upstream_per_row
+from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
+from ms_xent._backends._reductions import (counted_lse, mean_weight, reduce_rows,
+                                           upstream_per_row)
 
 F32 = ms.float32
-
-
-def _row_lse_parts(logits):
-    """(sum_c exp(x[n, c] - m_n), m_n), float32 [N] each, so that lse_n = log(sum) + m_n.
-
-    m_n is the row maximum, held constant for autodiff, and 0 when it is not finite: a row of
-    -inf logits then has lse = log(0) + 0 = -inf (as the kernels report), and NaN / +inf still
-    propagate through x - 0.
-    """
-    row_max = ops.stop_gradient(ops.amax(logits, 1, True))
-    row_max = ops.select(ops.isfinite(row_max), row_max, ops.zeros_like(row_max))
-    return ops.exp(logits - row_max).sum(axis=1), row_max.reshape(-1)
-
-
-def _hard_target_rows(logits, lse, target, weight, ignore_index, label_smoothing):
-    """(l_n, row share of the "mean" denominator) for class-index targets.
-
-    l_n = m_n ((1 - eps) w[y_n] (lse_n - x[n, y_n]) + (eps / C) sum_c w[c] (lse_n - x[n, c])),
-    share_n = m_n w[y_n], with m_n = 1{y_n != ignore_index}. Ignored rows give exactly 0 and a zero
-    gradient, whatever their logits (``lse`` is 0 on them, see :func:`_row_values`).
-    """
-    n_classes = logits.shape[1]
-    counted = counted_rows(target, ignore_index)
-    safe_target = ops.select(counted, target, ops.zeros_like(target))
-    picked = ops.gather_elements(logits, 1, safe_target.reshape(-1, 1)).reshape(-1)
-    if weight is None:
-        target_weight = ops.ones_like(picked)
-    else:
-        target_weight = ops.gather(weight, safe_target, 0)
-    rows = target_weight * (lse - picked)
-    if label_smoothing > 0:
-        negative_log_prob = lse.reshape(-1, 1) - logits
-        if weight is not None:
-            negative_log_prob = negative_log_prob * weight
-        uniform = negative_log_prob.sum(axis=1)
-        rows = (1.0 - label_smoothing) * rows + (label_smoothing / n_classes) * uniform
-    zeros = ops.zeros_like(rows)
-    return ops.select(counted, rows, zeros), ops.select(counted, target_weight, zeros)
 
 
 def _smoothed_probabilities(target, label_smoothing, n_classes):
@@ -85,30 +50,20 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
     return target
 
 
-def _row_values(input, target, weight, ignore_index, label_smoothing, soft):  # pylint: disable=redefined-builtin
-    """float32 (l_n, lse_n, counted lse_n, share of the "mean" denominator, m_n, log_prob).
-
-    The losses use "counted lse": lse_n on counted rows, and on ignored rows log(1) + 0 instead of
-    their own, so that a row of -inf logits cannot send 0 * inf = NaN into the gradient.
-    """
-    logits = input.astype(F32)
-    weight = None if weight is None else weight.astype(F32)
-    sum_exp, row_max = _row_lse_parts(logits)
-    lse = ops.log(sum_exp) + row_max
-    log_prob = ops.stop_gradient(logits - lse.reshape(-1, 1))
-    if soft:
-        probabilities = _smoothed_probabilities(target, label_smoothing, logits.shape[1])
-        if weight is not None:
-            probabilities = probabilities * weight
-        rows = (probabilities * (lse.reshape(-1, 1) - logits)).sum(axis=1)
-        counted = ops.ones_like(lse)
-        return rows, lse, lse, counted, counted, log_prob
-    counted = counted_rows(target, ignore_index)
-    counted_lse = (ops.log(ops.select(counted, sum_exp, ops.ones_like(sum_exp)))
-                   + ops.select(counted, row_max, ops.zeros_like(row_max)))
-    rows, shares = _hard_target_rows(logits, counted_lse, target, weight, ignore_index,
-                                     label_smoothing)
-    return rows, lse, counted_lse, shares, counted.astype(F32), log_prob
+def split_log_sum_exp(x, zeros_like):
+    """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, as the CPU kernels split it:
+    row_max = max_c x (0 when it is not finite), and with count = #{c: x[c] = row_max},
+    rest = sum over the other classes of exp(x - row_max),
+    log_sum = log1p((count - 1) + rest): full relative precision when the max carries nearly all
+    the mass (a float32 sum that holds the max's 1.0 would keep only the digits of rest above
+    2^-24). A row of -inf gives (0, -inf); NaN and +inf propagate."""
+    row_max = ops.amax(x, 1, True)
+    row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
+    shifted = x - row_max
+    at_max = shifted == 0
+    rest = ops.select(at_max, zeros_like(shifted), ops.exp(shifted)).sum(axis=1)
+    count = at_max.astype(F32).sum(axis=1)
+    return row_max.reshape(-1), log1p((count - 1.0) + rest)
 
 
 class RowKernels(nn.Cell):
@@ -138,25 +93,26 @@ class RowKernels(nn.Cell):
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        row_max = ops.amax(x, 1, True)
-        row_max = ops.select(ops.isfinite(row_max), row_max, self.zeros_like(row_max))
-        log_sum = ops.log(ops.exp(x - row_max).sum(axis=1))
-        row_max = row_max.reshape(-1)
+        row_max, log_sum = split_log_sum_exp(x, self.zeros_like)
         lse = row_max + log_sum
+        # -log p = (row_max - x) + log_sum: two non-negative terms, no cancellation.
         if self.soft:
             probabilities = _smoothed_probabilities(target, self.label_smoothing, n_classes)
             if self.weighted:
                 probabilities = probabilities * weight
-            rows = (probabilities * (lse.reshape(-1, 1) - x)).sum(axis=1)
+            negative_log_prob = (row_max.reshape(-1, 1) - x) + log_sum.reshape(-1, 1)
+            rows = (probabilities * negative_log_prob).sum(axis=1)
             return rows, lse, ops.ones_like(lse), (row_max, log_sum)
         counted = counted_rows(target, self.ignore_index)
-        kept_lse = ops.select(counted, lse, self.zeros_like(lse))
+        # Ignored rows: 0 in place of their (possibly non-finite) shift.
+        kept_max = ops.select(counted, row_max, self.zeros_like(row_max))
+        kept_log_sum = ops.select(counted, log_sum, self.zeros_like(log_sum))
         safe_target = ops.select(counted, target, self.zeros_like(target))
         picked = ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
         target_weight = ops.gather(weight, safe_target, 0) if self.weighted else ops.ones_like(lse)
-        rows = target_weight * (kept_lse - picked)
+        rows = target_weight * ((kept_max - picked) + kept_log_sum)
         if self.label_smoothing > 0:
-            negative_log_prob = kept_lse.reshape(-1, 1) - x
+            negative_log_prob = (kept_max.reshape(-1, 1) - x) + kept_log_sum.reshape(-1, 1)
             if self.weighted:
                 negative_log_prob = negative_log_prob * weight
             rows = ((1.0 - self.label_smoothing) * rows
@@ -187,14 +143,21 @@ class RowKernels(nn.Cell):
             else:
                 target_weight = counted.astype(F32)
                 total_weight = float(n_classes)
-            k = a * ((1.0 - self.label_smoothing) * target_weight + smooth * total_weight) + b
-            grad = p * k.reshape(-1, 1)
+            target_coef = a * (1.0 - self.label_smoothing) * target_weight
+            k_rest = a * smooth * total_weight + b if self.label_smoothing > 0 else b
+            grad = p * (target_coef + k_rest).reshape(-1, 1)
+            smoothing_term = 0.0
             if self.label_smoothing > 0:
                 class_term = weight if self.weighted else 1.0
                 grad = grad - (a * smooth).reshape(-1, 1) * class_term
-            true_class = -(a * (1.0 - self.label_smoothing) * target_weight)
+                smoothing_term = a * smooth * (target_weight if self.weighted else 1.0)
+            # The target's entry with p[y] - 1 = expm1((x[y] - row_max) - log_sum), as the
+            # kernels: -(1 - p[y]) keeps its digits on a confident row.
+            log_p = ((ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
+                      - shift[0]) - shift[1])
+            true_class = target_coef * expm1(log_p) + ops.exp(log_p) * k_rest - smoothing_term
             grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
-                                               true_class.reshape(-1, 1), 1, "add")
+                                               true_class.reshape(-1, 1), 1)
         silent = (row_grad == 0) & (row_grad_lse == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype)
@@ -210,7 +173,13 @@ class RowsCell(RowKernels):
 
     def bprop(self, logits, target, weight, out, dout):
         grad = self.backward(logits, target, weight, (out[3], out[4]), dout[0], dout[1])
-        return grad, self.zeros_like(target), self.zeros_like(weight)
+        if not self.soft:
+            return grad, self.zeros_like(target), self.zeros_like(weight)
+        # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
+        log_p = (logits.astype(F32) - out[3].reshape(-1, 1)) - out[4].reshape(-1, 1)
+        class_term = weight if self.weighted else 1.0
+        grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
+        return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,35 +189,69 @@ def _rows_cell(ignore_index, label_smoothing, weighted, soft):
     return RowsCell(ignore_index, label_smoothing, weighted, soft)
 
 
+def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
+    """z = logit_softcap tanh(logit_scale x / logit_softcap), or logit_scale x without a softcap
+    (float32 [N, C]; differentiable by autodiff). The logits themselves when neither is set."""
+    if logit_scale == 1.0 and logit_softcap == 0.0:
+        return logits
+    z = logits.astype(F32) * logit_scale
+    if logit_softcap > 0:
+        z = logit_softcap * ops.tanh(z / logit_softcap)
+    return z
+
+
 def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                       soft=False):
+                       soft=False, logit_scale=1.0, logit_softcap=0.0, return_argmax=False):
     """Same contract as :func:`ms_xent.ops.cross_entropy_rows`: float32 (loss_rows, lse,
     row_weight), differentiable w.r.t. ``logits`` through ``loss_rows`` and ``lse``; keeps only
-    float32 [N] values for the backward (:class:`RowsCell`)."""
+    float32 [N] values for the backward (:class:`RowsCell`) when there is no logit map (with one,
+    the mapped float32 [N, C] logits are kept by autodiff). With ``return_argmax`` also the first
+    index of each row's largest mapped logit (dtype of the class indices, int64 for
+    probabilities)."""
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
+    z = mapped_logits(logits, logit_scale, logit_softcap)
     outputs = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))(
-        logits, target, weight)
-    return outputs[0], outputs[1], outputs[2]
+        z, target, weight)
+    rows = (outputs[0], outputs[1], outputs[2])
+    if not return_argmax:
+        return rows
+    index_dtype = ms.int64 if soft else target.dtype
+    return rows + (ops.stop_gradient(ops.argmax(z, 1)).astype(index_dtype),)
 
 
 def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_index=-100,  # pylint: disable=redefined-builtin
                        label_smoothing=0.0, lse_square_scale_for_zloss=0.0, return_zloss=False,
-                       soft=False):
+                       soft=False, logit_scale=1.0, logit_softcap=0.0):
     """Same contract as :func:`ms_xent.ops.cross_entropy_loss` (arguments already validated).
 
     ``soft`` says that ``target`` holds [N, C] probabilities; ``weight`` is None or float [C].
     Returns (loss, log_prob, zloss, lse_for_zloss); ``loss``, ``zloss`` and ``lse_for_zloss`` are
-    differentiable w.r.t. ``input``, ``log_prob`` is not.
+    differentiable w.r.t. ``input``, ``log_prob`` is not. "mean" with class weights uses w / D
+    (:func:`mean_weight`), as the CPU backend does.
     """
-    rows, lse, counted_lse, shares, counted, log_prob = _row_values(
-        input, target, weight, ignore_index, label_smoothing, soft)
-    loss = reduce_rows(rows, reduction, total(shares)).astype(input.dtype)
+    mean_nonzero = None
+    if weight is not None and reduction == "mean" and not soft:
+        weight, mean_nonzero = mean_weight(weight, target, ignore_index)
+    weighted = weight is not None
+    z = mapped_logits(input, logit_scale, logit_softcap)
+    rows, lse, shares, row_max, log_sum = _rows_cell(
+        int(ignore_index), float(label_smoothing), weighted, bool(soft))(
+            z, target, weight if weighted else ops.ones((1,), F32))
+    log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
+    if mean_nonzero is None:
+        loss = reduce_rows(rows, reduction, total(shares))
+    else:
+        loss = ops.select(mean_nonzero, total(rows), ops.zeros((), F32))
+    loss = loss.astype(input.dtype)
 
     zloss = ops.zeros((0,), input.dtype)
     if return_zloss:
-        z_rows = lse_square_scale_for_zloss * counted_lse * counted_lse  # m_n s lse_n^2
-        zloss = reduce_rows(z_rows, reduction, total(counted)).astype(input.dtype)
+        counted = ops.ones_like(lse, dtype=ms.bool_) if soft else counted_rows(target,
+                                                                               ignore_index)
+        kept_lse = counted_lse(counted, lse)
+        z_rows = lse_square_scale_for_zloss * kept_lse * kept_lse  # m_n s lse_n^2
+        zloss = reduce_rows(z_rows, reduction, total(counted.astype(F32))).astype(input.dtype)
     lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), F32)
     return loss, log_prob.astype(input.dtype), zloss, lse_for_zloss
 
@@ -268,6 +271,10 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     probabilities = ops.exp(log_prob32)
     n_classes = log_prob.shape[1]
     weight = None if weight is None else weight.astype(F32)
+    loss_reduction = reduction
+    if weight is not None and reduction == "mean" and not soft:
+        weight, _ = mean_weight(weight, target, ignore_index)  # the "mean" is then a sum
+        loss_reduction = "sum"
     if soft:
         smoothed = _smoothed_probabilities(target, label_smoothing, n_classes)
         if weight is not None:
@@ -283,7 +290,9 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
             target_weight = ops.ones_like(safe_target, dtype=F32)
         else:
             target_weight = ops.gather(weight, safe_target, 0)
-        d_rows = (1.0 - label_smoothing) * target_weight.reshape(-1, 1) * (probabilities - one_hot)
+        # p - onehot(y), the target's entry as expm1(log p[y]): no cancellation when p[y] ~ 1.
+        p_minus_one_hot = ops.select(one_hot > 0, expm1(log_prob32), probabilities)
+        d_rows = (1.0 - label_smoothing) * target_weight.reshape(-1, 1) * p_minus_one_hot
         if label_smoothing > 0:
             if weight is None:
                 uniform = n_classes * probabilities - 1.0
@@ -292,7 +301,8 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
             d_rows = d_rows + (label_smoothing / n_classes) * uniform
         denominator = total(ops.select(counted, target_weight, ops.zeros_like(target_weight)))
     counted_f32 = counted.astype(F32)
-    grad = upstream_per_row(grad_loss, reduction, denominator, counted_f32).reshape(-1, 1) * d_rows
+    grad = (upstream_per_row(grad_loss, loss_reduction, denominator, counted_f32).reshape(-1, 1)
+            * d_rows)
 
     if grad_zloss is not None and lse_for_zloss is not None and lse_square_scale_for_zloss > 0:
         z_upstream = upstream_per_row(grad_zloss, reduction, total(counted_f32), counted_f32)
