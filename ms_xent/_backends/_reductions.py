@@ -54,3 +54,28 @@ def mean_weight(weight, target, ignore_index):
     safe = ops.select(nonzero, denominator, ops.ones_like(denominator))
     scaled = ops.select(nonzero, weight64 / safe, ops.zeros_like(weight64))
     return scaled.astype(ms.float32), nonzero
+
+
+def loss_and_zloss(loss_rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,  # pylint: disable=redefined-builtin
+                   lse_square_scale_for_zloss, return_zloss, soft):
+    """The (loss, zloss, lse_for_zloss) outputs of ``cross_entropy_loss`` from per-row values.
+
+    loss: ``loss_rows`` reduced ("mean" divides by the sum of ``shares``; with class weights the
+    rows were computed with w / D (:func:`mean_weight`) and ``mean_nonzero`` is given: the mean is
+    their sum, 0 when D = 0). zloss: z_n = m_n s lse_n^2, unweighted, "mean" over the counted rows
+    (zero-size unless ``return_zloss``). lse_for_zloss: lse, zero-size when s = 0.
+    """
+    if mean_nonzero is None:
+        loss = reduce_rows(loss_rows, reduction, total(shares))
+    else:
+        loss = ops.select(mean_nonzero, total(loss_rows), ops.zeros((), ms.float32))
+    zloss = ops.zeros((0,), input.dtype)
+    if return_zloss:
+        counted = ops.ones_like(lse, dtype=ms.bool_) if soft else counted_rows(target,
+                                                                               ignore_index)
+        kept_lse = counted_lse(counted, lse)
+        z_rows = lse_square_scale_for_zloss * kept_lse * kept_lse
+        zloss = reduce_rows(z_rows, reduction, total(counted.astype(ms.float32))).astype(
+            input.dtype)
+    lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), ms.float32)
+    return loss.astype(input.dtype), zloss, lse_for_zloss

@@ -36,8 +36,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
-from ms_xent._backends._reductions import (counted_lse, mean_weight, reduce_rows,
-                                           upstream_per_row)
+from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
 
@@ -239,20 +238,9 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
         int(ignore_index), float(label_smoothing), weighted, bool(soft))(
             z, target, weight if weighted else ops.ones((1,), F32))
     log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
-    if mean_nonzero is None:
-        loss = reduce_rows(rows, reduction, total(shares))
-    else:
-        loss = ops.select(mean_nonzero, total(rows), ops.zeros((), F32))
-    loss = loss.astype(input.dtype)
-
-    zloss = ops.zeros((0,), input.dtype)
-    if return_zloss:
-        counted = ops.ones_like(lse, dtype=ms.bool_) if soft else counted_rows(target,
-                                                                               ignore_index)
-        kept_lse = counted_lse(counted, lse)
-        z_rows = lse_square_scale_for_zloss * kept_lse * kept_lse  # m_n s lse_n^2
-        zloss = reduce_rows(z_rows, reduction, total(counted.astype(F32))).astype(input.dtype)
-    lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), F32)
+    loss, zloss, lse_for_zloss = loss_and_zloss(
+        rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,
+        lse_square_scale_for_zloss, return_zloss, soft)
     return loss, log_prob.astype(input.dtype), zloss, lse_for_zloss
 
 

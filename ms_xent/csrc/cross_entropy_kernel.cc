@@ -102,8 +102,8 @@ int CheckWeights(const float *weight, int64_t C) {
 // sum v (M_new - z) = sum v (M_old - z) + mass (M_new - M_old), all terms >= 0 for v >= 0.
 struct RowStats {
   SplitSum sum;
-  float dot;
-  float mass;
+  double dot;
+  double mass;
   int64_t max_begin;  // start of the block where the max was first reached
 };
 
@@ -112,19 +112,23 @@ template <typename T, bool kWeighted, bool kSoft, typename Map>
 RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target_row, float alpha,
                    float beta, const Map &map) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
-  RowStats stats{SplitSum{}, 0.0f, 0.0f, 0};
+  RowStats stats{SplitSum{}, 0.0, 0.0, 0};
   SplitSum &s = stats.sum;
   for (int64_t begin = 0; begin < C; begin += kBlock) {
     const int64_t end = begin + kBlock < C ? begin + kBlock : C;
     const float block_max = BlockMax(row, begin, end, map);
     if (block_max > s.max) {
-      if (s.max != kNegInf) stats.dot += stats.mass * (block_max - s.max);
+      if (s.max != kNegInf) stats.dot += stats.mass * static_cast<double>(block_max - s.max);
       s.Raise(block_max, 0.0f, 0.0f);  // the elements at the new max are counted below
       stats.max_begin = begin;
     }
     const float shift = s.Shift();
     const bool count_at_max = std::isfinite(s.max);
-    float block_count = 0.0f, block_rest = 0.0f, block_dot = 0.0f, block_mass = 0.0f;
+    // dot and mass add up C terms of either size (the smoothing term of a row is ~ eps times the
+    // mean of M - z over C classes): summed in double, so that their float32 rounding stays that
+    // of one result whatever the summation order.
+    float block_count = 0.0f, block_rest = 0.0f;
+    double block_dot = 0.0, block_mass = 0.0;
 #pragma omp simd reduction(+ : block_count, block_rest, block_dot, block_mass)
     for (int64_t c = begin; c < end; ++c) {
       const float z = map(ToFloat(row[c]));
@@ -133,8 +137,8 @@ RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target
       const bool at_max = count_at_max && z == shift;
       block_count += at_max ? 1.0f : 0.0f;
       block_rest += at_max ? 0.0f : FastExp(z - shift);
-      block_dot += v * (shift - z);
-      block_mass += v;
+      block_dot += static_cast<double>(v) * static_cast<double>(shift - z);
+      block_mass += static_cast<double>(v);
     }
     s.count += block_count;
     s.rest += block_rest;
@@ -147,7 +151,7 @@ RowStats StreamRow(const T *row, int64_t C, const float *weight, const T *target
 // The split log-sum-exp of a row read once (FoldBlockSingleRead).
 template <typename T, typename Map>
 RowStats SingleReadRow(const T *row, int64_t C, const Map &map) {
-  RowStats stats{SplitSum{}, 0.0f, 0.0f, 0};
+  RowStats stats{SplitSum{}, 0.0, 0.0, 0};
   for (int64_t begin = 0; begin < C; begin += kBlock) {
     const int64_t end = begin + kBlock < C ? begin + kBlock : C;
     if (FoldBlockSingleRead(stats.sum, row, begin, end, map)) stats.max_begin = begin;
@@ -230,7 +234,7 @@ int HardForward(const CrossEntropyAttrs &attrs, const Map &map, int64_t N, int64
     const float log_sum = stats.sum.LogSum();
     float loss = (1.0f - eps) * w_y * ((shift - map(ToFloat(row[y]))) + log_sum);
     // (eps/C) (W L + sum_c w[c] (M - z[c])), with (eps/C) folded into v = mass and dot.
-    if (smoothing) loss += stats.mass * log_sum + stats.dot;
+    if (smoothing) loss += static_cast<float>(stats.mass * log_sum + stats.dot);
     out.loss_rows[n] = loss;
     out.row_weight[n] = w_y;
   }
@@ -305,7 +309,7 @@ int SoftForward(const CrossEntropyAttrs &attrs, const Map &map, int64_t N, int64
     const RowStats stats = StreamRow<T, kWeighted, true>(row, C, weight, target + n * C, alpha, beta, map);
     WriteRowState(out, n, row, C, stats, map);
     // l_n = S L + sum_c v[c] (M - z[c])
-    out.loss_rows[n] = stats.mass * stats.sum.LogSum() + stats.dot;
+    out.loss_rows[n] = static_cast<float>(stats.mass * stats.sum.LogSum() + stats.dot);
   }
   return kOk;
 }

@@ -84,21 +84,6 @@ int ReadLinearAttrs(AotExtra *extra) {
   return kOk;
 }
 
-// tanh(t) in float32, vectorisable: an odd polynomial for |t| < 0.625 (where 1 - 2 / (e^2t + 1)
-// would lose the small result to cancellation), else 1 - 2 / (e^2t + 1), which saturates to +-1
-// (e^2t = inf or 0). The polynomial is the Cephes tanhf one (about 2 ulp). NaN -> NaN.
-inline float FastTanh(float t) {
-  const float t2 = t * t;
-  float p = -5.70498872745e-3f;
-  p = p * t2 + 2.06390887954e-2f;
-  p = p * t2 - 5.37397155531e-2f;
-  p = p * t2 + 1.33314422036e-1f;
-  p = p * t2 - 3.33332819422e-1f;
-  const float small = t + t * t2 * p;
-  const float large = 1.0f - 2.0f / (FastExp(2.0f * t) + 1.0f);
-  return std::fabs(t) < 0.625f ? small : large;
-}
-
 // 64-byte-aligned scratch buffer of `count` elements (none when count is 0).
 template <typename T>
 class Scratch {

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_xent._backends._mindspore import cached_primitive, counted_rows, total
-from ms_xent._backends._reductions import (counted_lse, mean_weight, reduce_rows,
+from ms_xent._backends._reductions import (counted_lse, loss_and_zloss, mean_weight,
                                            upstream_per_row)
 from ms_xent._backends.cpu.bce_with_logits_op import BceWithLogitsForward
 from ms_xent._backends.cpu.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
@@ -56,23 +56,12 @@ def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smo
                                "log_prob", logit_scale, logit_softcap)
     if soft:
         loss_rows, lse, _, _, log_prob = forward(input, target.astype(input.dtype), weight)
-        loss = reduce_rows(loss_rows, reduction, total(ops.ones_like(lse)))
+        shares = ops.ones_like(lse)
     else:
-        loss_rows, lse, row_weight, _, _, log_prob = forward(input, target, weight)
-        if mean_nonzero is None:
-            loss = reduce_rows(loss_rows, reduction, total(row_weight))
-        else:
-            loss = ops.select(mean_nonzero, total(loss_rows), ops.zeros((), F32))
-    loss = loss.astype(input.dtype)
-
-    zloss = ops.zeros((0,), input.dtype)
-    if return_zloss:
-        counted = ops.ones_like(lse, dtype=ms.bool_) if soft else counted_rows(target,
-                                                                               ignore_index)
-        kept_lse = counted_lse(counted, lse)
-        z_rows = lse_square_scale_for_zloss * kept_lse * kept_lse
-        zloss = reduce_rows(z_rows, reduction, total(counted.astype(F32))).astype(input.dtype)
-    lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), F32)
+        loss_rows, lse, shares, _, _, log_prob = forward(input, target, weight)
+    loss, zloss, lse_for_zloss = loss_and_zloss(
+        loss_rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,
+        lse_square_scale_for_zloss, return_zloss, soft)
     return loss, log_prob, zloss, lse_for_zloss
 
 
