@@ -319,7 +319,6 @@ BAD_INPUTS = [
     ("weight_length", dict(w=np.ones(4, np.float32)), ValueError, r"`weight` must have shape \(3,\)"),
     ("weight_inf", dict(w=np.array([1, np.inf, 1], np.float32)), ValueError, "`weight` must be finite, got inf at class 1"),
     ("weight_nan", dict(w=np.array([1, 1, np.nan], np.float32)), ValueError, "`weight` must be finite, got nan at class 2"),
-    ("weight_beyond_float32", dict(w=np.array([1, 1e300, 1])), ValueError, r"`weight` must be finite, got inf at class 1 \(beyond float32\)"),
     ("softcap_negative", dict(logit_softcap=-1.0), ValueError, "`logit_softcap` must be >= 0"),
     ("scale_zero", dict(logit_scale=0.0), ValueError, "`logit_scale` must be non-zero"),
     ("weight_dtype", dict(w=np.ones(3, np.int32)), TypeError, "`weight` must be a float tensor"),
@@ -485,8 +484,11 @@ def test_gradient_wrt_probability_targets_vs_torch_float64(mode, reduction, weig
                                                    0.0)
     assert_close_to_peak(grad_x, want_x, ms.float32, "d loss / d input")
     assert_close_to_peak(grad_t, want_t, ms.float32, "d loss / d target")
-    # The Cell's building block too.
-    grad_t = ms.grad(lambda a, b: cross_entropy_rows(a, b, wt, label_smoothing=label_smoothing)[0]
-                     .sum(), grad_position=1)(ms.Tensor(x), ms.Tensor(t))
+    # The Cells' building block too.
+    class RowsLoss(nn.Cell):
+        def construct(self, a, b):
+            return cross_entropy_rows(a, b, wt, label_smoothing=label_smoothing)[0].sum()
+
+    grad_t = ms.grad(RowsLoss(), grad_position=1)(ms.Tensor(x), ms.Tensor(t))
     _, _, want_t = torch_mapped_cross_entropy(x, t, weight, "sum", label_smoothing, 1.0, 0.0)
     assert_close_to_peak(grad_t, want_t, ms.float32, "rows: d loss / d target")

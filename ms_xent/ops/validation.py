@@ -114,8 +114,7 @@ def check_weight_values(api, weight):
     if bad.any():
         position = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{api}: `weight` must be finite, got {values[position]} at class "
-                         f"{position}" + (" (beyond float32)" if np.isfinite(
-                             weight.asnumpy().astype(np.float64)[position]) else ""))
+                         f"{position}")
 
 
 def class_weight(api, weight, n_classes):
