@@ -313,6 +313,27 @@ def test_parity_with_mindformers_mcore_loss_graph_mode(case, per_token):
     assert_close(our_grad, expected_grad, ms.float32, "gradient")
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["mean", "per_token"])
+def test_parity_with_bfloat16_logits_as_the_mtp_block_passes_them(per_token):
+    """The MTP block hands its logits to the loss in the compute dtype (no cast to float32)."""
+    config = transformer_config(calculate_per_token_loss=per_token)
+    logits, labels, mask = gpt_model_inputs(2, 8, 64, "random", 6)
+    inputs = (ms.Tensor(logits).astype(ms.bfloat16), ms.Tensor(labels), ms.Tensor(mask))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    results = []
+    for loss in (McoreCrossEntropyLoss(config), MindFormersMcoreCrossEntropyLoss(config)):
+        outputs = loss(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grad = ms.grad(LossOutput(loss), grad_position=0)(*inputs)
+        assert grad.dtype == ms.bfloat16
+        results.append(([out.asnumpy() for out in outputs], grad.astype(ms.float32).asnumpy()))
+    (ours, our_grad), (theirs, their_grad) = results
+    for mine, reference in zip(ours, theirs):
+        assert mine.dtype == reference.dtype == np.float32
+        np.testing.assert_allclose(mine, reference, rtol=PARITY_RTOL, atol=PARITY_ATOL)
+    assert_close(our_grad, their_grad, ms.bfloat16, "gradient")
+
+
 def test_yaml_options_reach_the_loss_graph_mode():
     """label smoothing, z-loss and class weights from a YAML loss config, against PyTorch
     float64 (GPTModel-shaped inputs)."""

@@ -11,15 +11,15 @@ for the backward), and takes ms_xent's extra options as keyword arguments (in a 
 keys next to ``type``).
 """
 
+import mindspore as ms
 from mindspore import nn
 from mindspore.context import ParallelMode
-from mindspore.parallel._utils import _get_parallel_mode
 
 from mindformers.core.context.build_context import Context, get_context
 from mindformers.parallel_core.transformer_config import (TransformerConfig,
                                                           default_transformer_config)
 
-from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
+from ms_xent.nn import CrossEntropyLoss
 
 API = "McoreCrossEntropyLoss"
 # ms_xent options a config may set; everything else comes from the TransformerConfig.
@@ -50,7 +50,8 @@ def mcore_parallel_config(config):
     semi-auto / auto parallel, where the output layer's shard strategy splits it; in any other
     mode every rank holds whole logits, which the loss must not read as vocabulary shards.
     """
-    sharded = _get_parallel_mode() in (ParallelMode.SEMI_AUTO_PARALLEL, ParallelMode.AUTO_PARALLEL)
+    sharded = ms.get_auto_parallel_context("parallel_mode") in (ParallelMode.SEMI_AUTO_PARALLEL,
+                                                                ParallelMode.AUTO_PARALLEL)
     return {
         "data_parallel": (_degree(config, "data_parallel_size")
                           * _degree(config, "context_parallel_size")),
