@@ -18,7 +18,10 @@ test-only AotExtra (``fake_aot_extra.cc``, compiled only here).
 Inputs: targets out of range (C, beyond C, negative, int32 / int64 extremes), ignore_index
 -100 / -1 / a valid class / int64 min, logits +-inf, NaN, +-FLT_MAX, 1e38, denormals, rows that
 are -inf but for one entry, whole -inf rows, C = 1, C not a multiple of 16, C around the kernel
-block (2048), C > 65536, N = 0, odd N, N * C above the OpenMP threshold; BCE with any rank
+block (2048), C > 65536, N = 0, odd N, N * C above the OpenMP threshold, logit scale / softcap,
+weights of either sign, non-finite weights (refused: kWeightNotFinite), weights of 1e37 and
+1e-40; cross-entropy results against a float64 numpy reference (ce_reference: every output and
+option, and the accuracy goal at offsets up to 3e38 and p_y up to 1 - 1e-7); BCE with any rank
 (0 to 16, and 17: refused), zero-size dims, broadcast weight / pos_weight, logits -120 / +-inf /
 NaN; and malformed calls (wrong parameter counts, ranks, shapes, dtypes), which must return
 kBadArguments (1) without touching memory they do not own. A canary pass repeats the kernels on
