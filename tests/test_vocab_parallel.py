@@ -30,6 +30,9 @@ from tests.distributed import vocab_parallel_worker as worker
 from tests.reference import (TOLERANCE, assert_close, assert_close_to_peak, numpy_cross_entropy,
                              rounded)
 
+# Every test runs on each backend (tests/conftest.py `backend`: cpu and composed).
+pytestmark = pytest.mark.usefixtures("backend")
+
 WORKER = Path(worker.__file__)
 MSRUN_TIMEOUT_S = 900
 # Distributed vs single-process ms_xent (same kernels, same float32 inputs).
