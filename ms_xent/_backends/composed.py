@@ -174,12 +174,12 @@ class RowKernels(nn.Cell):
             smoothed = _smoothed_probabilities(target, self.label_smoothing, n_classes)
             if self.weighted:
                 smoothed = smoothed * weight
-            a, b = row_grad, row_grad_lse
-            grad = p * (a * smoothed.sum(axis=1) + b).reshape(-1, 1) - a.reshape(-1, 1) * smoothed
+            a = row_grad
+            grad = (p * (a * smoothed.sum(axis=1) + row_grad_lse).reshape(-1, 1)
+                    - a.reshape(-1, 1) * smoothed)
         else:
-            counted = target.astype(ms.int64) != self.ignore_index
+            counted = counted_rows(target, self.ignore_index)
             a = ops.select(counted, row_grad, self.zeros_like(row_grad))
-            b = row_grad_lse
             safe_target = ops.select(counted, target, self.zeros_like(target))
             if self.weighted:
                 target_weight = ops.gather(weight, safe_target, 0) * counted.astype(F32)
@@ -187,7 +187,8 @@ class RowKernels(nn.Cell):
             else:
                 target_weight = counted.astype(F32)
                 total_weight = float(n_classes)
-            k = a * ((1.0 - self.label_smoothing) * target_weight + smooth * total_weight) + b
+            k = (a * ((1.0 - self.label_smoothing) * target_weight + smooth * total_weight)
+                 + row_grad_lse)
             grad = p * k.reshape(-1, 1)
             if self.label_smoothing > 0:
                 class_term = weight if self.weighted else 1.0
@@ -195,7 +196,7 @@ class RowKernels(nn.Cell):
             true_class = -(a * (1.0 - self.label_smoothing) * target_weight)
             grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
                                                true_class.reshape(-1, 1), 1, "add")
-        silent = (row_grad == 0) & (row_grad_lse == 0)
+        silent = (a == 0) & (row_grad_lse == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype)
 
