@@ -171,7 +171,12 @@ class RowKernels(nn.Cell):
         smooth = self.label_smoothing / n_classes
         p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
         if self.soft:
-            smoothed = _smoothed_probabilities(target, self.label_smoothing, n_classes)
+            # t' inline, not _smoothed_probabilities as in the forward: a module-level helper
+            # called by both the forward and the bprop of a Cell breaks MindSpore 2.9's GRAPH
+            # autodiff ("The pointer[func_graph->get_return()] is null").
+            smoothed = target.astype(F32)
+            if self.label_smoothing > 0:
+                smoothed = (1.0 - self.label_smoothing) * smoothed + smooth
             if self.weighted:
                 smoothed = smoothed * weight
             a = row_grad
@@ -303,47 +308,90 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     return grad.astype(log_prob.dtype)
 
 
+class BceCell(nn.Cell):
+    """BCE with logits; ``weight`` / ``pos_weight`` float32 tensors broadcasting to the target
+    (0-d ones when absent). The forward is the kernels' two-term softplus form
+
+        l = w (pw t softplus(-x) + (1 - t) softplus(x)),
+        softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|))
+
+    (no cancellation for x << 0, unlike PyTorch's (1 - t) x + (1 + (pw - 1) t) softplus(-x);
+    x = -inf gives NaN as in PyTorch), and the bprop is the closed form of
+    :func:`binary_cross_entropy_with_logits_grad` (autodiff of max / |x| at x = 0 would split the
+    tie wrongly).
+    """
+
+    def __init__(self, reduction):
+        super().__init__()
+        self.reduction = reduction
+        # Primitive instances: the bprop's closed form calls the functional ops, and a function
+        # used by both the forward and the bprop of a Cell breaks MindSpore 2.9's GRAPH autodiff
+        # ("The func graph is empty ... relu").
+        self.relu = ops.ReLU()
+        self.abs = ops.Abs()
+        self.exp = ops.Exp()
+        self.log1p = ops.Log1p()
+        self.select = ops.Select()
+
+    def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
+        logits = input.astype(F32)
+        target32 = target.astype(F32)
+        tail = self.log1p(self.exp(-self.abs(logits)))
+        softplus_neg = self.relu(-logits) + tail
+        softplus_pos = self.relu(logits) + tail
+        elements = weight * (pos_weight * target32 * softplus_neg
+                             + (1.0 - target32) * softplus_pos)
+        elements = self.select(logits == float("-inf"), elements * float("nan"), elements)
+        if self.reduction == "none":
+            return elements.astype(input.dtype)
+        if self.reduction == "sum":
+            return total(elements).astype(input.dtype)
+        return (total(elements) / elements.size).astype(input.dtype)
+
+    def bprop(self, input, target, weight, pos_weight, out, dout):  # pylint: disable=redefined-builtin
+        grad_input, grad_target = binary_cross_entropy_with_logits_grad(
+            dout, input, target, weight, pos_weight, self.reduction)
+        return grad_input, grad_target, weight * 0.0, pos_weight * 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _bce_cell(reduction):
+    return BceCell(reduction)
+
+
 def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None,  # pylint: disable=redefined-builtin
                                      reduction="mean"):
-    """l = -w (pw t log(sigmoid(x)) + (1 - t) log(1 - sigmoid(x)))
-         = w ((1 - t) x + (1 + (pw - 1) t) softplus(-x)),
-    ``weight`` and ``pos_weight`` broadcast to ``target``; "mean" averages over all elements.
-    """
-    logits = input.astype(F32)
-    target32 = target.astype(F32)
-    softplus_neg = ops.softplus(-logits)
-    if pos_weight is None:
-        elements = (1.0 - target32) * logits + softplus_neg
-    else:
-        log_weight = 1.0 + (pos_weight.astype(F32) - 1.0) * target32
-        elements = (1.0 - target32) * logits + log_weight * softplus_neg
-    if weight is not None:
-        elements = elements * weight.astype(F32)
-    if reduction == "none":
-        return elements.astype(input.dtype)
-    if reduction == "sum":
-        return total(elements).astype(input.dtype)
-    return (total(elements) / elements.size).astype(input.dtype)
+    """BCE with logits (see :class:`BceCell`); ``weight`` and ``pos_weight`` broadcast to
+    ``target``; "mean" averages over all elements; differentiable w.r.t. input and target."""
+    weight = ops.ones((), F32) if weight is None else weight.astype(F32)
+    pos_weight = ops.ones((), F32) if pos_weight is None else pos_weight.astype(F32)
+    return _bce_cell(reduction)(input, target, weight, pos_weight)
 
 
 def binary_cross_entropy_with_logits_grad(grad, input, target, weight=None, pos_weight=None,  # pylint: disable=redefined-builtin
                                           reduction="mean"):
     """Gradients of :func:`binary_cross_entropy_with_logits` w.r.t. ``input`` and ``target``,
-    times the upstream ``grad`` (0-d for "mean"/"sum", the loss's shape for "none"):
-    dl/dx = w ((1 + (pw - 1) t) sigmoid(x) - pw t)   (= w (sigmoid(x) - t) without pos_weight),
-    dl/dt = w ((pw - 1) softplus(-x) - x)             (= -w x without pos_weight).
+    times the upstream ``grad`` (0-d for "mean"/"sum", the loss's shape for "none"), in the
+    kernels' forms (no cancellation), with e = exp(-|x|), tail = log1p(e), r = 1 / (1 + e):
+    dl/dx = w ((1 - t) sigmoid(x) - pw t sigmoid(-x)),  sigmoid(|x|) = r, sigmoid(-|x|) = e r,
+    dl/dt = w (pw max(-x, 0) - max(x, 0) + (pw - 1) tail)   (= -w x without pos_weight).
     Each is returned in the dtype of its tensor.
     """
     logits = input.astype(F32)
     target32 = target.astype(F32)
-    probability = ops.sigmoid(logits)
+    e = ops.exp(-ops.abs(logits))
+    r = 1.0 / (1.0 + e)
+    non_negative = logits >= 0
+    sigmoid_pos = ops.select(non_negative, r, e * r)
+    sigmoid_neg = ops.select(non_negative, e * r, r)
+    positive = target32 if pos_weight is None else pos_weight.astype(F32) * target32
+    d_input = (1.0 - target32) * sigmoid_pos - positive * sigmoid_neg
     if pos_weight is None:
-        d_input = probability - target32
         d_target = -logits
     else:
         pos_weight32 = pos_weight.astype(F32)
-        d_input = (1.0 + (pos_weight32 - 1.0) * target32) * probability - pos_weight32 * target32
-        d_target = (pos_weight32 - 1.0) * ops.softplus(-logits) - logits
+        d_target = (pos_weight32 * ops.relu(-logits) - ops.relu(logits)
+                    + (pos_weight32 - 1.0) * ops.log1p(e))
     upstream = grad.astype(F32)
     if reduction == "mean":
         upstream = upstream / logits.size
