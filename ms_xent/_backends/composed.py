@@ -233,8 +233,8 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     float32 [N] values for the backward (:class:`RowsCell`)."""
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
-    outputs = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))(
-        logits, target, weight)
+    rows = _rows_cell(ignore_index, float(label_smoothing), weighted, soft)
+    outputs = rows(logits, target, weight)
     return outputs[0], outputs[1], outputs[2]
 
 
