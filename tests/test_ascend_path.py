@@ -1,7 +1,7 @@
 """The Ascend path, tested as far as a CPU allows (there is no NPU here).
 
-- Backend choice (ms_xent.ops.backend) for every option combination.
-- The Ascend registration objects (ms_xent.ops.ascend_op) against the aclnn C prototypes:
+- Backend choice (ms_xent._backends.dispatch) for every option combination.
+- The Ascend registration objects (ms_xent._backends.ascend.vendor_op) against the aclnn C prototypes:
   parameter count, order, names and C types (through MindSpore's own reg_info -> C type mapping
   and its own header parser), optional inputs, documented dtypes, output shapes and dtypes, and
   the positional call arguments. The prototypes are data below, checked against the seed
@@ -10,7 +10,7 @@
   target: vendor routes must reach the vendor primitive (which then fails on CPU, in PyNative at
   kernel lookup, in GRAPH_MODE only after the whole graph, bprop included, was built), composed
   routes must compute.
-- The composed fallback (ms_xent.ops.composed) against the CPU kernels, float64 numpy and PyTorch:
+- The composed fallback (ms_xent._backends.composed) against the CPU kernels, float64 numpy and PyTorch:
   forward and gradient, options, float32 / bfloat16, PyNative and GRAPH_MODE.
 """
 

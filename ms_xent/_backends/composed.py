@@ -50,19 +50,25 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
 
 
 def split_log_sum_exp(x, zeros_like):
-    """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, as the CPU kernels split it:
-    row_max = max_c x (0 when it is not finite), and with count = #{c: x[c] = row_max},
-    rest = sum over the other classes of exp(x - row_max),
-    log_sum = log1p((count - 1) + rest): full relative precision when the max carries nearly all
-    the mass (a float32 sum that holds the max's 1.0 would keep only the digits of rest above
-    2^-24). A row of -inf gives (0, -inf); NaN and +inf propagate."""
-    row_max = ops.amax(x, 1, True)
+    """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, with the precision of the
+    CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
+
+    p = softmax(x) from MindSpore's fused kernel (exp(x - max) / sum: each p[c] to a few ulp),
+    rest = sum of p over every class but the first argmax = 1 - p_max, summed without the
+    1.0-sized term, log_sum = -log p_max = -log1p(-rest): full relative precision when the max
+    carries nearly all the mass, where log(sum) of a float32 sum holding 1.0 keeps only the
+    digits of rest above 2^-24. row_max is 0 when it is not finite: a row of -inf gives
+    (0, -inf); a row holding NaN gets log_sum NaN, as in the kernels."""
+    row_max = ops.amax(x, 1)
+    minus_inf = row_max == float("-inf")
     row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
-    shifted = x - row_max
-    at_max = shifted == 0
-    rest = ops.select(at_max, zeros_like(shifted), ops.exp(shifted)).sum(axis=1)
-    count = at_max.astype(F32).sum(axis=1)
-    return row_max.reshape(-1), log1p((count - 1.0) + rest)
+    p = ops.softmax(x, 1)
+    top = ops.argmax(x, 1).reshape(-1, 1)
+    rest = ops.tensor_scatter_elements(p, top, zeros_like(top).astype(F32), 1).sum(axis=1)
+    log_sum = -log1p(-rest)
+    log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
+    # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly.
+    return row_max, ops.select(ops.isnan(x).any(axis=1), log_sum * float("nan"), log_sum)
 
 
 class RowKernels(nn.Cell):
@@ -122,19 +128,29 @@ class RowKernels(nn.Cell):
 
     def backward(self, logits, target, weight, shift, row_grad, row_grad_lse):
         x = logits.astype(F32)
+        p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
+        return self._gradient(x, p, logits, target, weight, row_grad, row_grad_lse, shift)
+
+    def _gradient(self, x, p, logits, target, weight, row_grad, row_grad_lse, shift):
+        """The gradient from the softmax p (see the class docstring); the target's entry from the
+        shift state (row_max, log_sum), [N]-sized arithmetic only."""
         n_classes = x.shape[1]
         smooth = self.label_smoothing / n_classes
-        p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
         if self.soft:
-            smoothed = _smoothed_probabilities(target, self.label_smoothing, n_classes)
+            # t' inline, not _smoothed_probabilities as in the forward: a module-level helper
+            # called by both the forward and the bprop of a Cell breaks MindSpore 2.9's GRAPH
+            # autodiff ("The pointer[func_graph->get_return()] is null").
+            smoothed = target.astype(F32)
+            if self.label_smoothing > 0:
+                smoothed = (1.0 - self.label_smoothing) * smoothed + smooth
             if self.weighted:
                 smoothed = smoothed * weight
-            a, b = row_grad, row_grad_lse
-            grad = p * (a * smoothed.sum(axis=1) + b).reshape(-1, 1) - a.reshape(-1, 1) * smoothed
+            a = row_grad
+            grad = (p * (a * smoothed.sum(axis=1) + row_grad_lse).reshape(-1, 1)
+                    - a.reshape(-1, 1) * smoothed)
         else:
-            counted = target.astype(ms.int64) != self.ignore_index
+            counted = counted_rows(target, self.ignore_index)
             a = ops.select(counted, row_grad, self.zeros_like(row_grad))
-            b = row_grad_lse
             safe_target = ops.select(counted, target, self.zeros_like(target))
             if self.weighted:
                 target_weight = ops.gather(weight, safe_target, 0) * counted.astype(F32)
@@ -143,7 +159,8 @@ class RowKernels(nn.Cell):
                 target_weight = counted.astype(F32)
                 total_weight = float(n_classes)
             target_coef = a * (1.0 - self.label_smoothing) * target_weight
-            k_rest = a * smooth * total_weight + b if self.label_smoothing > 0 else b
+            k_rest = a * smooth * total_weight + row_grad_lse if self.label_smoothing > 0 else (
+                row_grad_lse)
             grad = p * (target_coef + k_rest).reshape(-1, 1)
             smoothing_term = 0.0
             if self.label_smoothing > 0:
@@ -157,7 +174,7 @@ class RowKernels(nn.Cell):
             true_class = target_coef * expm1(log_p) + ops.exp(log_p) * k_rest - smoothing_term
             grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
                                                true_class.reshape(-1, 1), 1)
-        silent = (row_grad == 0) & (row_grad_lse == 0)
+        silent = (a == 0) & (row_grad_lse == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype)
 
@@ -171,11 +188,15 @@ class RowsCell(RowKernels):
         return loss_rows, lse, row_weight, shift[0], shift[1]
 
     def bprop(self, logits, target, weight, out, dout):
-        grad = self.backward(logits, target, weight, (out[3], out[4]), dout[0], dout[1])
+        # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
+        x = logits.astype(F32)
+        shift = (out[3], out[4])
+        grad = self._gradient(x, ops.softmax(x, 1), logits, target, weight, dout[0], dout[1],
+                              shift)
         if not self.soft:
             return grad, self.zeros_like(target), self.zeros_like(weight)
         # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
-        log_p = (logits.astype(F32) - out[3].reshape(-1, 1)) - out[4].reshape(-1, 1)
+        log_p = ops.log_softmax(x, 1)
         class_term = weight if self.weighted else 1.0
         grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
@@ -210,8 +231,8 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
     z = mapped_logits(logits, logit_scale, logit_softcap)
-    outputs = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))(
-        z, target, weight)
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    outputs = rows_cell(z, target, weight)
     rows = (outputs[0], outputs[1], outputs[2])
     if not return_argmax:
         return rows
@@ -234,9 +255,9 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
         weight, mean_nonzero = mean_weight(weight, target, ignore_index)
     weighted = weight is not None
     z = mapped_logits(input, logit_scale, logit_softcap)
-    rows, lse, shares, row_max, log_sum = _rows_cell(
-        int(ignore_index), float(label_smoothing), weighted, bool(soft))(
-            z, target, weight if weighted else ops.ones((1,), F32))
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows, lse, shares, row_max, log_sum = rows_cell(
+        z, target, weight if weighted else ops.ones((1,), F32))
     log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
     loss, zloss, lse_for_zloss = loss_and_zloss(
         rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,
@@ -300,47 +321,90 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     return grad.astype(log_prob.dtype)
 
 
+class BceCell(nn.Cell):
+    """BCE with logits; ``weight`` / ``pos_weight`` float32 tensors broadcasting to the target
+    (0-d ones when absent). The forward is the kernels' two-term softplus form
+
+        l = w (pw t softplus(-x) + (1 - t) softplus(x)),
+        softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|))
+
+    (no cancellation for x << 0, unlike PyTorch's (1 - t) x + (1 + (pw - 1) t) softplus(-x);
+    x = -inf gives NaN as in PyTorch), and the bprop is the closed form of
+    :func:`binary_cross_entropy_with_logits_grad` (autodiff of max / |x| at x = 0 would split the
+    tie wrongly).
+    """
+
+    def __init__(self, reduction):
+        super().__init__()
+        self.reduction = reduction
+        # Primitive instances: the bprop's closed form calls the functional ops, and a function
+        # used by both the forward and the bprop of a Cell breaks MindSpore 2.9's GRAPH autodiff
+        # ("The func graph is empty ... relu").
+        self.relu = ops.ReLU()
+        self.abs = ops.Abs()
+        self.exp = ops.Exp()
+        self.log1p = ops.Log1p()
+        self.select = ops.Select()
+
+    def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
+        logits = input.astype(F32)
+        target32 = target.astype(F32)
+        tail = self.log1p(self.exp(-self.abs(logits)))
+        softplus_neg = self.relu(-logits) + tail
+        softplus_pos = self.relu(logits) + tail
+        elements = weight * (pos_weight * target32 * softplus_neg
+                             + (1.0 - target32) * softplus_pos)
+        elements = self.select(logits == float("-inf"), elements * float("nan"), elements)
+        if self.reduction == "none":
+            return elements.astype(input.dtype)
+        if self.reduction == "sum":
+            return total(elements).astype(input.dtype)
+        return (total(elements) / elements.size).astype(input.dtype)
+
+    def bprop(self, input, target, weight, pos_weight, out, dout):  # pylint: disable=redefined-builtin
+        grad_input, grad_target = binary_cross_entropy_with_logits_grad(
+            dout, input, target, weight, pos_weight, self.reduction)
+        return grad_input, grad_target, weight * 0.0, pos_weight * 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _bce_cell(reduction):
+    return BceCell(reduction)
+
+
 def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None,  # pylint: disable=redefined-builtin
                                      reduction="mean"):
-    """l = -w (pw t log(sigmoid(x)) + (1 - t) log(1 - sigmoid(x)))
-         = w ((1 - t) x + (1 + (pw - 1) t) softplus(-x)),
-    ``weight`` and ``pos_weight`` broadcast to ``target``; "mean" averages over all elements.
-    """
-    logits = input.astype(F32)
-    target32 = target.astype(F32)
-    softplus_neg = ops.softplus(-logits)
-    if pos_weight is None:
-        elements = (1.0 - target32) * logits + softplus_neg
-    else:
-        log_weight = 1.0 + (pos_weight.astype(F32) - 1.0) * target32
-        elements = (1.0 - target32) * logits + log_weight * softplus_neg
-    if weight is not None:
-        elements = elements * weight.astype(F32)
-    if reduction == "none":
-        return elements.astype(input.dtype)
-    if reduction == "sum":
-        return total(elements).astype(input.dtype)
-    return (total(elements) / elements.size).astype(input.dtype)
+    """BCE with logits (see :class:`BceCell`); ``weight`` and ``pos_weight`` broadcast to
+    ``target``; "mean" averages over all elements; differentiable w.r.t. input and target."""
+    weight = ops.ones((), F32) if weight is None else weight.astype(F32)
+    pos_weight = ops.ones((), F32) if pos_weight is None else pos_weight.astype(F32)
+    return _bce_cell(reduction)(input, target, weight, pos_weight)
 
 
 def binary_cross_entropy_with_logits_grad(grad, input, target, weight=None, pos_weight=None,  # pylint: disable=redefined-builtin
                                           reduction="mean"):
     """Gradients of :func:`binary_cross_entropy_with_logits` w.r.t. ``input`` and ``target``,
-    times the upstream ``grad`` (0-d for "mean"/"sum", the loss's shape for "none"):
-    dl/dx = w ((1 + (pw - 1) t) sigmoid(x) - pw t)   (= w (sigmoid(x) - t) without pos_weight),
-    dl/dt = w ((pw - 1) softplus(-x) - x)             (= -w x without pos_weight).
+    times the upstream ``grad`` (0-d for "mean"/"sum", the loss's shape for "none"), in the
+    kernels' forms (no cancellation), with e = exp(-|x|), tail = log1p(e), r = 1 / (1 + e):
+    dl/dx = w ((1 - t) sigmoid(x) - pw t sigmoid(-x)),  sigmoid(|x|) = r, sigmoid(-|x|) = e r,
+    dl/dt = w (pw max(-x, 0) - max(x, 0) + (pw - 1) tail)   (= -w x without pos_weight).
     Each is returned in the dtype of its tensor.
     """
     logits = input.astype(F32)
     target32 = target.astype(F32)
-    probability = ops.sigmoid(logits)
+    e = ops.exp(-ops.abs(logits))
+    r = 1.0 / (1.0 + e)
+    non_negative = logits >= 0
+    sigmoid_pos = ops.select(non_negative, r, e * r)
+    sigmoid_neg = ops.select(non_negative, e * r, r)
+    positive = target32 if pos_weight is None else pos_weight.astype(F32) * target32
+    d_input = (1.0 - target32) * sigmoid_pos - positive * sigmoid_neg
     if pos_weight is None:
-        d_input = probability - target32
         d_target = -logits
     else:
         pos_weight32 = pos_weight.astype(F32)
-        d_input = (1.0 + (pos_weight32 - 1.0) * target32) * probability - pos_weight32 * target32
-        d_target = (pos_weight32 - 1.0) * ops.softplus(-logits) - logits
+        d_target = (pos_weight32 * ops.relu(-logits) - ops.relu(logits)
+                    + (pos_weight32 - 1.0) * ops.log1p(e))
     upstream = grad.astype(F32)
     if reduction == "mean":
         upstream = upstream / logits.size

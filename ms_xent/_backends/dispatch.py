@@ -145,6 +145,7 @@ def device_target():
     return ms.get_context("device_target")
 
 
+@functools.lru_cache(maxsize=None)
 def _checked_request(value, source):
     value = str(value).strip().lower()
     if value not in REQUESTS:
@@ -156,7 +157,7 @@ def requested_backend():
     """The innermost :func:`use_backend`, else ``MS_XENT_BACKEND`` (default "auto")."""
     if _overrides:
         return _overrides[-1]
-    return _checked_request(os.environ.get(BACKEND_VARIABLE, AUTO) or AUTO, BACKEND_VARIABLE)
+    return _checked_request(os.environ.get(BACKEND_VARIABLE) or AUTO, BACKEND_VARIABLE)
 
 
 @contextlib.contextmanager
@@ -220,6 +221,7 @@ def choose_cross_entropy_backend(device_target_name, *, requested=AUTO, soft_tar
     return _vendor_backend(builtin_available, variant)
 
 
+@functools.lru_cache(maxsize=None)
 def choose_rows_backend(device_target_name, *, requested=AUTO):
     """The backend of the per-row values (rows, Cells, vocabulary-parallel, linear chunks)."""
     row = requested_row(device_target_name, requested)
@@ -260,8 +262,11 @@ def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss, 
 
 @constexpr
 def rows_backend():
-    """:func:`choose_rows_backend` for this call (a constant in GRAPH mode)."""
-    return choose_rows_backend(device_target(), requested=requested_backend())
+    """:func:`choose_rows_backend` for this call (a constant in GRAPH mode). The hot path of every
+    Cell call: :func:`requested_backend` inlined, the cached functions entered only once."""
+    requested = _overrides[-1] if _overrides else _checked_request(
+        os.environ.get(BACKEND_VARIABLE) or AUTO, BACKEND_VARIABLE)
+    return choose_rows_backend(device_target(), requested=requested)
 
 
 @constexpr
