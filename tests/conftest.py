@@ -78,6 +78,19 @@ SLOW_TESTS = {
         "cpu_kernel-graph", "matmul_chunks-pynative"),
     "tests/test_linear_cross_entropy.py::test_bad_target_is_refused_at_run_time_in_graph_mode": (
         "cpu_kernel",),
+    # Tiny Llama through MindFormers: 5-65 s each (model build, graph compile, several steps);
+    # GRAPH-mode parity of the forward and gradients and PyNative training steps stay.
+    "tests/test_mindformers_training.py::test_trainer_route_gives_the_model_route_result": (),
+    "tests/test_mindformers_training.py::test_train_script_trains_and_exits_zero": (),
+    "tests/test_mindformers_training.py::test_training_steps_match_mindformers_loss": ("pynative",),
+    "tests/test_mindformers_training.py::test_forward_and_gradients_match_mindformers_llama": (
+        "graph",),
+    "tests/test_mindformers_training.py::test_fused_linear_loss_from_yaml_matches_the_logits_loss": (
+        "pynative",),
+    "tests/test_mindformers_training.py::test_train_step_cell_reports_non_finite_gradients": (
+        "pynative",),
+    "tests/test_mindformers_training.py::test_training_loss_matches_float64_oracle_with_options": (
+        "pynative",),
 }
 
 # Tests that need MindFormers although their module imports without it (the modules that import
