@@ -263,6 +263,7 @@ def _cache_error(path, error):
 
 def _make_directory(path):
     """Creates path and its missing parents with mode 0755 (whatever the umask)."""
+    path = os.path.abspath(path)
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
