@@ -78,6 +78,10 @@ SLOW_TESTS = {
         "cpu_kernel-graph", "matmul_chunks-pynative"),
     "tests/test_linear_cross_entropy.py::test_bad_target_is_refused_at_run_time_in_graph_mode": (
         "cpu_kernel",),
+    # The benchmark scripts end to end: 1-3 minutes each on a busy machine; not public API.
+    "tests/test_scripts.py::test_bench_reports_every_case_with_correct_losses": (),
+    "tests/test_scripts.py::test_bench_kernels_prints_a_row_per_case": (),
+    "tests/test_scripts.py::test_bench_linear_cross_entropy_reports_fused_and_unfused": (),
     # Tiny Llama through MindFormers: 5-65 s each (model build, graph compile, several steps);
     # GRAPH-mode parity of the forward and gradients and PyNative training steps stay.
     "tests/test_mindformers_training.py::test_trainer_route_gives_the_model_route_result": (),
