@@ -33,7 +33,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, total
+from ms_xent._backends._mindspore import counted_rows, log1p, total
 from ms_xent._backends._reductions import reduce_rows, upstream_per_row
 
 F32 = ms.float32
@@ -339,13 +339,12 @@ class BceCell(nn.Cell):
         self.relu = ops.ReLU()
         self.abs = ops.Abs()
         self.exp = ops.Exp()
-        self.log1p = ops.Log1p()
         self.select = ops.Select()
 
     def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
         logits = input.astype(F32)
         target32 = target.astype(F32)
-        tail = self.log1p(self.exp(-self.abs(logits)))
+        tail = log1p(self.exp(-self.abs(logits)))
         softplus_neg = self.relu(-logits) + tail
         softplus_pos = self.relu(logits) + tail
         elements = weight * (pos_weight * target32 * softplus_neg
