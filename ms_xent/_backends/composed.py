@@ -343,13 +343,12 @@ class BceCell(nn.Cell):
         self.relu = ops.ReLU()
         self.abs = ops.Abs()
         self.exp = ops.Exp()
-        self.log1p = ops.Log1p()
         self.select = ops.Select()
 
     def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
         logits = input.astype(F32)
         target32 = target.astype(F32)
-        tail = self.log1p(self.exp(-self.abs(logits)))
+        tail = log1p(self.exp(-self.abs(logits)))
         softplus_neg = self.relu(-logits) + tail
         softplus_pos = self.relu(logits) + tail
         elements = weight * (pos_weight * target32 * softplus_neg
