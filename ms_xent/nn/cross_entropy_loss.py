@@ -23,7 +23,8 @@ from mindspore.parallel._utils import _get_parallel_mode
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
 from ms_xent._backends._mindspore import known, total
-from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
+from ms_xent.ops import vocab_parallel_cross_entropy_rows
+from ms_xent.ops._cross_entropy import cross_entropy_rows_for
 from ms_xent.ops.validation import (FLOAT_TYPES, check_ignore_index, check_logit_map,
                                     check_option_values)
 
@@ -266,9 +267,9 @@ class CrossEntropyLoss(nn.Cell):
             return vocab_parallel_cross_entropy_rows(
                 logits, label, self.weight_shard, self.ignore_index, self.label_smoothing,
                 self.vocab_group, self.vocab_start, self.num_classes)
-        return cross_entropy_rows(logits, label, self.weight, self.ignore_index,
-                                  self.label_smoothing, api=API, logit_scale=self.logit_scale,
-                                  logit_softcap=self.logit_softcap)
+        return cross_entropy_rows_for(API, logits, label, self.weight, self.ignore_index,
+                                      self.label_smoothing, logit_scale=self.logit_scale,
+                                      logit_softcap=self.logit_softcap)
 
     # ---- end of parallel paths ------------------------------------------------------------------
 
@@ -280,7 +281,21 @@ class CrossEntropyLoss(nn.Cell):
         return loss_rows + self.zloss_scale * row_weight * safe_lse * safe_lse
 
     def construct(self, logits, label, input_mask=None):
-        """Returns the loss (see the class docstring for shapes)."""
+        """The masked loss of the class docstring.
+
+        Args:
+            logits: [..., C] float16 / bfloat16 / float32, flattened to [N, C] (on the
+                vocabulary-parallel path this rank's slice [..., C/mp]).
+            label: [...] int32 / int64 class indices (N entries), or float [..., C] class
+                probabilities (N * C entries).
+            input_mask: optional, default None (every row counts); N entries of any real or bool
+                dtype, 0 where the row does not count.
+
+        Returns:
+            float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+            denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
+            ``seq_split_num > 1``.
+        """
         n_rows, soft = _flat_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
                                     None if input_mask is None else input_mask.shape)
         n_classes = logits.shape[-1]

@@ -108,7 +108,21 @@ class LinearCrossEntropyLoss(nn.Cell):
                                f"input_mask, or an overflow.")
 
     def construct(self, hidden, weight, label, input_mask=None, bias=None):
-        """Returns the loss (see the class docstring for shapes)."""
+        """The masked loss of the class docstring for the logits ``hidden @ weight.T + bias``.
+
+        Args:
+            hidden: [..., H] float32 / bfloat16 / float16, flattened to [N, H].
+            weight: [V, H] lm_head weight (MindFormers' layout), dtype of ``hidden``.
+            label: [...] int32 / int64 class indices in [0, V) or ``ignore_index``, N entries.
+            input_mask: optional, default None (every row counts); N entries of any real or bool
+                dtype, 0 where the row does not count.
+            bias: optional [V] in the dtype of ``hidden``, default None (no bias).
+
+        Returns:
+            float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+            denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
+            ``seq_split_num > 1``.
+        """
         n_hidden = hidden.shape[-1]
         if len(hidden.shape) != 2:
             hidden = hidden.reshape((-1, n_hidden))
