@@ -1,4 +1,4 @@
-"""Functional API of the fused cross-entropy (SPEC sections 1-3).
+"""Functional API of the fused cross-entropy (docs/semantics.md).
 
 :func:`cross_entropy_loss` and :func:`cross_entropy_loss_grad` follow the vendor op
 ``npu_cross_entropy_loss`` / ``aclnnCrossEntropyLossGrad`` signatures, with every option usable

@@ -1,4 +1,4 @@
-"""Functional API of the fused binary cross-entropy with logits (SPEC section 5)."""
+"""Functional API of the fused binary cross-entropy with logits (docs/semantics.md)."""
 
 import mindspore as ms
 
