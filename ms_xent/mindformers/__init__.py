@@ -51,7 +51,8 @@ _set_mindformers_paths()
 # pylint: disable=wrong-import-position
 from ms_xent.mindformers._quiet_import import console_to_log, name_mindformers_console_logger
 
-with console_to_log(os.path.join(os.path.expanduser(os.environ["LOG_MF_PATH"]), "import_console.log")):
+_IMPORT_LOG = os.path.join(os.path.expanduser(os.environ["LOG_MF_PATH"]), "import_console.log")
+with console_to_log(_IMPORT_LOG):
     import mindformers  # noqa: F401
 from mindformers.tools.logger import get_logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister

@@ -24,7 +24,8 @@ class _LogFile:
     def write(self, text):
         if self._file is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+            # pylint: disable-next=consider-using-with
+            self._file = open(self.path, "a", encoding="utf-8")
         return self._file.write(text)
 
     def flush(self):
@@ -50,14 +51,18 @@ class _LogStream:
         self.log_file.flush()
 
 
-def _console_handlers():
-    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(logger, logging.Logger)]
-    return [handler for logger in loggers for handler in logger.handlers
-            if isinstance(handler, logging.StreamHandler)
+def _is_console(handler):
+    return (isinstance(handler, logging.StreamHandler)
             and not isinstance(handler, logging.FileHandler)
             # logging's last-resort handler always writes to sys.stderr (a read-only property)
-            and not isinstance(getattr(type(handler), "stream", None), property)]
+            and not isinstance(getattr(type(handler), "stream", None), property))
+
+
+def _console_handlers():
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)]
+    return [handler for logger in loggers for handler in logger.handlers if _is_console(handler)]
 
 
 @contextlib.contextmanager
@@ -96,7 +101,7 @@ def name_mindformers_console_logger(mindformers_logger):
     console (``mindformers/root/.cache/.../log[...]``); its log files do not show the name.
     """
     for handler in mindformers_logger.handlers:
-        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-                and handler.formatter is not None):
+        if _is_console(handler) and handler.formatter is not None:
             pattern = handler.formatter._fmt  # pylint: disable=protected-access
-            handler.setFormatter(type(handler.formatter)(pattern.replace("%(name)s", "mindformers")))
+            named = pattern.replace("%(name)s", "mindformers")
+            handler.setFormatter(type(handler.formatter)(named))

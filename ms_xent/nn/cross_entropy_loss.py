@@ -114,35 +114,37 @@ class CrossEntropyLoss(nn.Cell):
     Args:
         parallel_config: data_parallel (dp) and model_parallel (mp) degrees: an
             ``OpParallelConfig``, ``TransformerOpParallelConfig``, ``MindFormerConfig``, a dict or
-            None (dp = mp = 1). Read by duck typing. How logits split over the vocabulary
-            (mp > 1) are handled is described under "Parallel paths" below.
-        check_for_nan_in_loss_and_grad: when True, a non-finite result raises RuntimeError in
-            PYNATIVE and in GRAPH mode (at the step that produced it, also inside
+            None (the default: dp = mp = 1). Read by duck typing. How logits split over the
+            vocabulary (mp > 1) are handled is described under "Parallel paths" below.
+        check_for_nan_in_loss_and_grad: bool, default False; when True, a non-finite result raises
+            RuntimeError in PYNATIVE and in GRAPH mode (at the step that produced it, also inside
             ``Model.train``), naming the quantity (loss, or numerator of the per-token loss), its
-            value, the rank (when communication is initialised), and how many rows had a
-            non-finite loss. In GRAPH mode MindSpore then refuses to run that compiled graph
-            again ("An error occurred in the previous step"): training stops, as it does with
-            MindFormers, whose 1.9.0 Cell accepts and ignores this argument and whose trainer
-            raises ValueError from a callback after the step. Checking the loss covers the
-            gradient w.r.t. the logits: it is the softmax times finite per-row factors, finite
-            whenever the loss is.
-        calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``,
-            float32, as MindFormers) instead of their ratio, so that gradient accumulation and
-            pipeline stages can sum before dividing. Needs reduction "mean".
-        seq_split_num: sequence pipeline split number; > 1 also returns
+            value, the rank (when communication is initialised), and how many rows had a non-finite
+            loss. In GRAPH mode MindSpore then refuses to run that compiled graph again ("An error
+            occurred in the previous step"): training stops, as it does with MindFormers, whose
+            1.9.0 Cell accepts and ignores this argument and whose trainer raises ValueError from a
+            callback after the step. Checking the loss covers the gradient w.r.t. the logits: it is
+            the softmax times finite per-row factors, finite whenever the loss is.
+        calculate_per_token_loss: bool, default False; return ``(numerator, denominator)`` (shapes
+            ``()`` and ``(1,)``, float32, as MindFormers) instead of their ratio, so that gradient
+            accumulation and pipeline stages can sum before dividing. Needs reduction "mean".
+        seq_split_num: int >= 1, default 1; sequence pipeline split number; > 1 also returns
             ``(numerator, denominator)``, as MindFormers does.
-        weight: optional non-negative class weights [C] (Tensor, numpy array or list).
+        weight: optional finite class weights [C] (Tensor, numpy array or list),
+            stored as float32; default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
-        label_smoothing: eps in [0, 1); the label mixes with the uniform distribution.
+        label_smoothing: float eps in [0, 1), default 0.0; the label mixes with the uniform
+            distribution.
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
-        reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
-            per-row values ``mask_n * r_n``, shape [N]).
+        reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none"
+            (the masked per-row values ``mask_n * r_n``, shape [N]).
         group: communication group of the model-parallel ranks (mp > 1 with explicit
-            collectives); default the world group, which must then have mp ranks.
-        logit_scale, logit_softcap: the loss sees cap * tanh(scale * logits / cap) (cap =
-            ``logit_softcap`` > 0, Gemma-style softcap) or scale * logits (cap 0), applied
-            inside the kernel pass, as in :func:`ms_xent.ops.cross_entropy_loss`. Not with
-            vocabulary-parallel logits (ValueError).
+            collectives); default None: the world group, which must then have mp ranks.
+        logit_scale, logit_softcap: floats, default 1.0 and 0.0 (no cap); the loss sees cap *
+            tanh(scale * logits / cap) (cap = ``logit_softcap`` > 0, Gemma-style softcap) or scale *
+            logits (cap 0), applied inside the kernel pass, as in
+            :func:`ms_xent.ops.cross_entropy_loss`. Not with vocabulary-parallel logits
+            (ValueError).
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
 
     Parallel paths (mp > 1), chosen at construction:

@@ -66,16 +66,17 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
             float class probabilities (then ``ignore_index`` does not apply and "mean" divides by N).
         weight: optional [C] finite class weights of any sign (PyTorch semantics); default None
             (all 1).
-        reduction: default "mean" (sum of l_n over sum of w[y_n] of non-ignored rows; 0 only when that
-            sum is exactly 0), "sum" or "none".
+        reduction: default "mean" (sum of l_n over sum of w[y_n] of non-ignored rows; 0 only when
+            that sum is exactly 0), "sum" or "none".
         ignore_index: int, default -100; rows with this target contribute no loss and get zero
             gradient.
         label_smoothing: eps in [0, 1), default 0.0; the target mixes with the uniform
             distribution.
         lse_square_scale_for_zloss: s in [0, 1), default 0.0; z_n = s * lse_n^2 on non-ignored
             rows.
-        return_zloss: bool, default False; return the z-loss (reduced like the loss; "mean" divides by the number of
-            non-ignored rows). The z-loss is a separate output and is not added to ``loss``.
+        return_zloss: bool, default False; return the z-loss (reduced like the loss; "mean" divides
+            by the number of non-ignored rows). The z-loss is a separate output and is not added to
+            ``loss``.
         logit_scale, logit_softcap: float scale != 0 (default 1.0) and float cap >= 0 (default
             0.0, no cap); the loss sees z = cap tanh(scale x / cap) (Gemma-style
             softcap, cap = ``logit_softcap`` > 0) or z = scale x (cap 0) in place of the logits
