@@ -117,8 +117,9 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
         weight: optional [C] finite class weights, default None (all 1); the forward's.
         grad_zloss: optional gradient of ``zloss``, shaped like ``grad_loss``; default None (no
             z-loss term).
-        lse_for_zloss: [N] float32 ``lse_for_zloss`` output of the forward; required when
-            ``grad_zloss`` is given and ``lse_square_scale_for_zloss`` > 0, default None.
+        lse_for_zloss: [N] float32 ``lse_for_zloss`` output of the forward, default None. The
+            z-loss term is added only when ``grad_zloss`` and ``lse_for_zloss`` are both given and
+            ``lse_square_scale_for_zloss`` > 0.
         reduction: "mean" (default), "sum" or "none"; the forward's.
         ignore_index: int, default -100; the forward's.
         label_smoothing: float in [0, 1), default 0.0; the forward's.
