@@ -16,11 +16,11 @@ from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.ops.cross_entropy import sum_rows
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 from ms_xent.ops import backend as backends
-from ms_xent.ops.linear_cross_entropy import (BLOCK_FRACTION, MAX_BLOCK_BYTES,
-                                              MAX_BLOCK_WORKSPACE, MAX_WORKSPACE,
-                                              MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
-                                              MIN_VOCAB_BLOCK, MIN_WORKSPACE, chunk_layout,
-                                              linear_cross_entropy, vocab_block_layout)
+from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_BLOCK_WORKSPACE,
+                                              MAX_WORKSPACE, MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
+                                              MIN_ROW_BLOCK, MIN_WORKSPACE, ROW_BLOCK_FRACTION,
+                                              chunk_layout, linear_cross_entropy,
+                                              row_block_layout)
 from ms_xent.ops.linear_cross_entropy_cpu_op import onednn_library
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
@@ -197,8 +197,7 @@ def test_float16_vs_torch(backend, options):
 @pytest.mark.parametrize("chunk_size", [None, 7, 40])
 def test_cpu_kernel_blocks_on_a_larger_problem(mode, dtype_name, chunk_size):
     """N = 300, H = 64, V = 3001 on the CPU kernel: several OpenMP slices per product and
-    vocabulary blocks of 70 (chunk_size 7), 400 (40) and the automatic size, the last block
-    shorter."""
+    row blocks of 7, 40 and the automatic size (all rows), the last block shorter."""
     rng = np.random.default_rng(11)
     n_rows, n_hidden, n_vocab = 300, 64, 3001
     data = {"hidden": rng.standard_normal((n_rows, n_hidden)).astype(np.float32),
@@ -375,25 +374,23 @@ def test_automatic_layout_follows_the_budget():
     assert chunk_layout("api", N, H, V, 0.0, 100) == (N, V)
 
 
-def test_cpu_kernel_vocabulary_block_follows_the_budget():
-    """The block's buffers fit BLOCK_FRACTION (1/128) of the float32 logits within
-    [1 MiB, 64 MiB], at least 16 vocabulary rows; chunk_size keeps chunk_size * V logits."""
-    assert (BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_VOCAB_BLOCK) == (
-        1 / 128, 1 << 20, 64 << 20, 16)
-    logits_bytes = 8192 * 32000 * 4
-    assert vocab_block_layout("api", 8192, 1024, 32000, ms.float32, None) == \
-        logits_bytes // 128 // (8192 * 4)
-    # bfloat16: + its bfloat16 copy and a [block, H] float32 weight-gradient block per column
-    assert vocab_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
-        logits_bytes // 128 // (8192 * 6 + 1024 * 4)
-    assert vocab_block_layout("api", 65536, 1024, 256000, ms.float32, None) == \
-        MAX_BLOCK_WORKSPACE // (65536 * 4)
-    assert vocab_block_layout("api", 10, 8, 37, ms.float32, None) == 37
-    assert vocab_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == MIN_VOCAB_BLOCK
-    assert vocab_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK * V // N
-    assert vocab_block_layout("api", N, H, V, ms.float32, 1) == 1 * V // N
-    assert vocab_block_layout("api", N, H, V, ms.float32, 100) == V
-    assert vocab_block_layout("api", 0, H, V, ms.float32, None) == V
+def test_cpu_kernel_row_block_follows_the_budget():
+    """The block's buffers fit ROW_BLOCK_FRACTION (1/64) of the float32 logits within
+    [1 MiB, 256 MiB], at least 16 rows; chunk_size is the rows per block."""
+    assert (ROW_BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_ROW_BLOCK) == (
+        1 / 64, 1 << 20, 256 << 20, 16)
+    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 8192 // 64
+    # bfloat16: + the bfloat16 copy of the logits gradient and a float32 [rows, H] d hidden block
+    assert row_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
+        8192 * 32000 * 4 // 64 // (32000 * 6 + 1024 * 4)
+    assert row_block_layout("api", 1 << 20, 1024, 256000, ms.float32, None) == \
+        MAX_BLOCK_WORKSPACE // (256000 * 4)
+    assert row_block_layout("api", 10, 8, 37, ms.float32, None) == 10
+    assert row_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == (1 << 20) // 64
+    assert row_block_layout("api", 4096, 8, 100, ms.float32, None) == MIN_BLOCK_WORKSPACE // 400
+    assert row_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK
+    assert row_block_layout("api", N, H, V, ms.float32, 100) == N
+    assert row_block_layout("api", 0, H, V, ms.float32, None) == 1
 
 
 def test_backend_choice():

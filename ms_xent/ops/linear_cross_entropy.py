@@ -45,14 +45,16 @@ MIN_CHUNK_ROWS = 256
 MAX_BLOCK_BYTES = 32 * MIB
 
 
-# CPU kernel (vocabulary blocks of all N rows): the block's buffers (float32 logits [N, block],
-# for bfloat16 their bfloat16 copy, for half types a float32 [block, H] weight-gradient block and,
-# for float16, the float32 weight block) get BLOCK_FRACTION of the size of the full float32
-# logits, within [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], and at least MIN_VOCAB_BLOCK rows.
-BLOCK_FRACTION = 1.0 / 128
+# CPU kernel (row blocks over the whole vocabulary): the block's buffers (float32 logits [R, V],
+# for bfloat16 their bfloat16 copy, for half types a float32 [R, H] block of d hidden and, for
+# float16, the float32 [R, H] hidden block) get ROW_BLOCK_FRACTION of the size of the full
+# float32 logits, within [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], and at least MIN_ROW_BLOCK
+# rows: each block streams the weight and the [V, H] weight gradient once more, so fewer rows per
+# block cost time.
+ROW_BLOCK_FRACTION = 1.0 / 64
 MIN_BLOCK_WORKSPACE = 1 * MIB
-MAX_BLOCK_WORKSPACE = 64 * MIB
-MIN_VOCAB_BLOCK = 16
+MAX_BLOCK_WORKSPACE = 256 * MIB
+MIN_ROW_BLOCK = 16
 
 
 def _known(dim):
@@ -157,28 +159,25 @@ def chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size):
 
 
 @constexpr
-def vocab_block_layout(api, n_rows, n_hidden, n_vocab, dtype, chunk_size):
-    """Vocabulary rows per block of the CPU kernel.
+def row_block_layout(api, n_rows, n_hidden, n_vocab, dtype, chunk_size):
+    """Rows per block of the CPU kernel.
 
-    Automatic: the block's buffers take BLOCK_FRACTION of the size of the full float32 logits,
-    clamped to [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], with at least MIN_VOCAB_BLOCK rows. A
-    given ``chunk_size`` (rows per chunk of the generic path) keeps the same number of logits
-    alive: ``chunk_size * V`` logits, i.e. ``chunk_size * V / N`` vocabulary rows of all N rows.
+    Automatic: the block's buffers take ROW_BLOCK_FRACTION of the size of the full float32
+    logits, clamped to [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], with at least MIN_ROW_BLOCK
+    rows. A given ``chunk_size`` is the number of rows per block.
     """
-    if n_rows == 0:
-        return n_vocab
     if chunk_size is not None:
         _check_chunk_size(api, chunk_size)
-        return int(min(n_vocab, max(1, chunk_size * n_vocab // n_rows)))
-    column_bytes = n_rows * FLOAT32_BYTES
+        return int(max(1, min(n_rows, chunk_size)))
+    row_bytes = n_vocab * FLOAT32_BYTES
     dtype_name = str(dtype)
     if dtype_name == "BFloat16":
-        column_bytes += n_rows * 2 + n_hidden * FLOAT32_BYTES
+        row_bytes += n_vocab * 2 + n_hidden * FLOAT32_BYTES
     elif dtype_name == "Float16":
-        column_bytes += 2 * n_hidden * FLOAT32_BYTES
-    budget = n_rows * n_vocab * FLOAT32_BYTES * BLOCK_FRACTION
+        row_bytes += 2 * n_hidden * FLOAT32_BYTES
+    budget = n_rows * n_vocab * FLOAT32_BYTES * ROW_BLOCK_FRACTION
     budget = min(max(budget, MIN_BLOCK_WORKSPACE), MAX_BLOCK_WORKSPACE)
-    return int(min(n_vocab, max(MIN_VOCAB_BLOCK, budget // column_bytes)))
+    return int(max(1, min(n_rows, max(MIN_ROW_BLOCK, budget // row_bytes))))
 
 
 def _check_chunk_size(api, chunk_size):
@@ -349,7 +348,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
               float(logit_scale))
     use_kernel = _linear_backend() == backend.CPU_KERNEL
     if use_kernel:
-        layout = vocab_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
+        layout = row_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
     else:
         layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)

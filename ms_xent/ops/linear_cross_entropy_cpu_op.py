@@ -42,15 +42,17 @@ ONEDNN_LIBRARY = "libdnnl.so.3"
 _INPUTS = ("hidden", "weight", "bias", "target", "class_weight", "row_coef", "z_coef")
 _F32 = ("float32",)
 LINEAR_ROWS = KernelSpec(
-    "XentLinearRows", _INPUTS, ("value",),
+    "XentLinearRows", _INPUTS, ("value", "lse"),
     dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
-               tie={1: 0, 2: 0}),
-    lambda *input_dtypes: ms.float32)
+               _F32, tie={1: 0, 2: 0}),
+    lambda *input_dtypes: (ms.float32, ms.float32))
 LINEAR_SUM_GRAD = KernelSpec(
-    "XentLinearSumGrad", _INPUTS, ("total", "grad_hidden", "grad_weight", "grad_bias"),
+    "XentLinearSumGrad", _INPUTS, ("total", "lse", "grad_hidden", "grad_weight", "grad_bias"),
     dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
-               FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, tie={1: 0, 2: 0, 8: 0, 9: 0, 10: 0}),
-    lambda hidden_dtype, *rest: (ms.float32, hidden_dtype, hidden_dtype, hidden_dtype))
+               _F32, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES,
+               tie={1: 0, 2: 0, 9: 0, 10: 0, 11: 0}),
+    lambda hidden_dtype, *rest: (ms.float32, ms.float32, hidden_dtype, hidden_dtype,
+                                 hidden_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +68,7 @@ def _attrs(static, vocab_block):
     return {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
             "weighted": bool(weighted), "has_bias": bool(has_bias),
             "logit_softcap": float(logit_softcap), "logit_scale": float(logit_scale),
-            "vocab_block": int(vocab_block), "gemm_library": onednn_library()}
+            "row_block": int(vocab_block), "gemm_library": onednn_library()}
 
 
 class LinearRows(AotPrimitive):
@@ -96,9 +98,9 @@ class _GraphSum(nn.Cell):
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         scale = dout[0]
         if (scale == 1).all():
-            grads = (out[1], out[2], out[3])
+            grads = (out[2], out[3], out[4])
         else:
-            grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[1:])
+            grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[2:])
         return grads + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
@@ -111,10 +113,10 @@ class _GraphRows(nn.Cell):
         self.sum_grad = LinearSumGrad(static, vocab_block)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
-        return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)
+        return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)[0]
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
-        _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
+        _, _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
             hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
         return (grad_hidden, grad_weight, grad_bias) + no_input_grads(target, class_weight,
                                                                       row_coef, z_coef)
@@ -127,8 +129,8 @@ class _EagerSum(_Function):
     @staticmethod
     def forward(ctx, static, vocab_block, with_grads, *inputs):
         if not with_grads:
-            return sum_rows(cached_primitive(LinearRows, static, vocab_block)(*inputs))
-        total, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+            return sum_rows(cached_primitive(LinearRows, static, vocab_block)(*inputs)[0])
+        total, _, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
         ctx.grads = grads
         return total.reshape(())
 
@@ -146,13 +148,13 @@ class _EagerRows(_Function):
         ctx.static = static
         ctx.vocab_block = vocab_block
         ctx.inputs = inputs
-        return cached_primitive(LinearRows, static, vocab_block)(*inputs)
+        return cached_primitive(LinearRows, static, vocab_block)(*inputs)[0]
 
     @staticmethod
     def backward(ctx, dout):
         (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
             ctx.inputs, None
-        _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
+        _, _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
             hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
         return (None, None) + tuple(grads) + (None,) * 4
 
