@@ -11,11 +11,7 @@ CrossEntropyLoss Cell's parallel paths).
   (<= 1e-6 relative in float32) and against the float64 oracle, in PYNATIVE and GRAPH mode.
 """
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +23,11 @@ from mindspore.context import ParallelMode
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
 from tests.distributed import vocab_parallel_worker as worker
+from tests.distributed.msrun import run_msrun
 from tests.reference import (TOLERANCE, assert_close, assert_close_to_peak, numpy_cross_entropy,
                              rounded)
 
 WORKER = Path(worker.__file__)
-MSRUN_TIMEOUT_S = 900
 # Distributed vs single-process ms_xent (same kernels, same float32 inputs).
 PARITY_RTOL = {"float32": 1e-6, "bfloat16": TOLERANCE[ms.bfloat16][0]}
 
@@ -209,41 +205,6 @@ def test_semi_auto_parallel_sets_the_strategies_of_mindformers_loss(semi_auto_pa
 
 
 # ---- msrun, 2 CPU workers ---------------------------------------------------------------------
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def log_tails(log_dir, lines=40):
-    tails = []
-    for log in sorted(Path(log_dir).glob("*.log")):
-        text = log.read_text(errors="replace").splitlines()
-        tails.append(f"==> {log.name} <==\n" + "\n".join(text[-lines:]))
-    return "\n".join(tails)
-
-
-def run_msrun(script, out_dir, workers=2):
-    """Runs ``script out_dir`` under msrun with ``workers`` local CPU workers; returns seconds."""
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", GLOG_v="3")
-    log_dir = Path(out_dir) / "msrun_logs"
-    command = [str(bin_dir / "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
-               f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True",
-               str(script), str(out_dir)]
-    start = time.perf_counter()
-    try:
-        completed = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True,
-                                   timeout=MSRUN_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"msrun did not finish in {MSRUN_TIMEOUT_S} s\n{log_tails(log_dir)}")
-    seconds = time.perf_counter() - start
-    if completed.returncode != 0:
-        pytest.fail(f"msrun exited with {completed.returncode}\n{completed.stdout[-2000:]}\n"
-                    f"{completed.stderr[-2000:]}\n{log_tails(log_dir)}")
-    return seconds
-
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):

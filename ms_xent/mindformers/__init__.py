@@ -3,17 +3,26 @@
 Importing this package registers the ms_xent losses with MindFormers' ``MindFormerRegister`` as
 LOSS, under aliases that leave MindFormers' own names alone:
 
-==========================  ===============================================
-YAML ``type:``              class
-==========================  ===============================================
-``MsXentCrossEntropyLoss``  :class:`ms_xent.nn.cross_entropy_loss.CrossEntropyLoss`
-``MsXentBCEWithLogitsLoss`` :class:`ms_xent.nn.bce_with_logits_loss.BCEWithLogitsLoss`
-==========================  ===============================================
+===============================  ==================================================
+YAML ``type:``                   class
+===============================  ==================================================
+``MsXentCrossEntropyLoss``       :class:`ms_xent.nn.CrossEntropyLoss`
+``MsXentBCEWithLogitsLoss``      :class:`ms_xent.nn.BCEWithLogitsLoss`
+``MsXentLinearCrossEntropyLoss`` :class:`ms_xent.nn.LinearCrossEntropyLoss`
+``MsXentMcoreCrossEntropyLoss``  :class:`ms_xent.mindformers.mcore_loss.McoreCrossEntropyLoss`
+                                 (the loss of MindFormers' mcore models)
+===============================  ==================================================
 
 so that ``mindformers.core.build_loss({"type": "MsXentCrossEntropyLoss", ...})`` and a YAML config
 loaded with ``MindFormerConfig`` build them, while ``{"type": "CrossEntropyLoss"}`` still builds
 MindFormers' class. MindFormers finds a name only after the module registering it was imported:
 import ``ms_xent.mindformers`` before building from a config.
+
+It also registers models whose loss comes from ``model_config.loss``: ``MsXentLlamaForCausalLM``
+(:mod:`ms_xent.mindformers.models`, legacy) and the mcore training models
+``MsXentQwen3ForCausalLM``, ``MsXentQwen3MoeForCausalLM``, ``MsXentDeepseekV3ForCausalLM``,
+``MsXentTeleChat3ForCausalLM``, ``MsXentTeleChat3MoeForCausalLM``
+(:mod:`ms_xent.mindformers.mcore_models`, ``use_legacy: False``).
 
 MindFormers writes its logs under ``./output/log`` and its module cache under ``./modules`` unless
 ``LOG_MF_PATH`` / ``OM_MODULES_CACHE`` are set. Unless already set, this package points them into
@@ -42,11 +51,13 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from ms_xent.nn.bce_with_logits_loss import BCEWithLogitsLoss
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
+from ms_xent.mindformers.mcore_loss import McoreCrossEntropyLoss
 
 LOSS_ALIASES = {
     "MsXentCrossEntropyLoss": CrossEntropyLoss,
     "MsXentBCEWithLogitsLoss": BCEWithLogitsLoss,
     "MsXentLinearCrossEntropyLoss": LinearCrossEntropyLoss,
+    "MsXentMcoreCrossEntropyLoss": McoreCrossEntropyLoss,
 }
 
 
@@ -71,6 +82,7 @@ def register():
 
 register()
 
-from ms_xent.mindformers import models, train_step  # noqa: E402,F401  (imported to register them)
+# Imported to register their classes.
+from ms_xent.mindformers import mcore_models, models, train_step  # noqa: E402,F401
 
 __all__ = ["LOSS_ALIASES", "register"]
