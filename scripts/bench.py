@@ -4,6 +4,9 @@ Compares, for each logits shape N x C and dtype, the forward and the forward+bac
 
 * ``ms_xent_graph`` / ``ms_xent_pynative``: ``ms_xent.ops.cross_entropy_rows`` reduced to the mean
   (the memory-lean training path: no [N, C] output besides the gradient), GRAPH / PYNATIVE mode;
+* ``ms_xent_composed_graph``: the ``ms_xent.nn.CrossEntropyLoss`` Cell with
+  ``MS_XENT_BACKEND=composed`` (MindSpore primitives only: the path of devices without ms_xent's
+  kernels), GRAPH mode;
 * ``ms_xent_loss_graph`` / ``ms_xent_loss_pynative``: the public ``ms_xent.ops.cross_entropy_loss``
   (reduction "mean"; it also writes the [N, C] ``log_prob`` output);
 * ``mindspore_graph`` / ``mindspore_pynative``: ``mindspore.nn.CrossEntropyLoss()``;
@@ -74,7 +77,7 @@ subprocesses' working directory: case specs and results, MindFormers' logs). The
 printed, and a progress bar is shown while it runs.
 
 Cost: every subprocess pays the framework import (2-6 s, MindFormers the most), so the full
-default run (4 shapes x 2 dtypes x 9 implementations x 5 rounds) takes about 1 to 1.5 hours on 2
+default run (4 shapes x 2 dtypes x 10 implementations x 5 rounds) takes about 1 to 1.5 hours on 2
 cores; ``--reps-per-process 5`` (one round, no interleaving) or fewer ``--impls`` cut it down.
 
 Examples::
@@ -134,6 +137,8 @@ class Implementation:
 IMPLEMENTATIONS = {impl.name: impl for impl in (
     Implementation("ms_xent_graph", "ms_xent rows, GRAPH", "ms_xent", "graph", 0.0, 1.5),
     Implementation("ms_xent_pynative", "ms_xent rows, PYNATIVE", "ms_xent", "pynative", 0.0, 1.5),
+    Implementation("ms_xent_composed_graph", "ms_xent CrossEntropyLoss, composed backend, GRAPH",
+                   "ms_xent_composed", "graph", 3.0, 0.0),
     Implementation("ms_xent_loss_graph", "ms_xent cross_entropy_loss, GRAPH", "ms_xent_loss",
                    "graph", 0.0, 2.5),
     Implementation("ms_xent_loss_pynative", "ms_xent cross_entropy_loss, PYNATIVE", "ms_xent_loss",
@@ -284,6 +289,10 @@ class Case:
                     return cross_entropy_loss(logits, target)[0]
 
             return RowsMean() if framework == "ms_xent" else PublicLoss()
+        if framework == "ms_xent_composed":
+            os.environ["MS_XENT_BACKEND"] = "composed"  # read when the graph compiles
+            from ms_xent.nn import CrossEntropyLoss as MsXentCrossEntropyLoss
+            return MsXentCrossEntropyLoss()
         if framework == "mindspore":
             return nn.CrossEntropyLoss()
         from mindformers.core import CrossEntropyLoss

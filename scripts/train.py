@@ -10,7 +10,8 @@ when the last loss is lower than the first (1 otherwise, 2 on a config / device 
 
 Every MindFormers / MindSpore log and output goes to --output-dir (default
 ~/.cache/ms_xent/runs/<timestamp>-<pid>), never to the current directory. Under msrun
-(scripts/msrun_train.py) each worker runs this script with a use_parallel config.
+(scripts/msrun_train.py) each worker runs this script with a use_parallel config. The training
+loop, corpus and progress bar are in scripts/_training.py.
 """
 
 import argparse
@@ -21,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# _training.py sits next to this script (on sys.path when run as a script; added for importers).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_llama_ms_xent.yaml"
 DEFAULT_STEPS = 40
 
@@ -84,7 +88,7 @@ def main(argv=None):
     output_dir = (args.output_dir or default_output_dir()).resolve()
     redirect_outputs(output_dir)
     # pylint: disable=import-outside-toplevel
-    from ms_xent.mindformers.training import DeviceUnavailableError, train
+    from _training import DeviceUnavailableError, train
     try:
         result = train(config_path, route=args.route, steps=args.steps, output_dir=output_dir,
                        quiet=not args.verbose)

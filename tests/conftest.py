@@ -17,7 +17,14 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_SCRATCH, "hy
 
 import mindspore as ms  # noqa: E402  (after the environment above: MindSpore reads it on import)
 
+import ms_xent  # noqa: E402
+
 MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+# The backends the modules marked with the `backend` fixture run over: MS_XENT_TEST_BACKENDS
+# (comma-separated), else the one MS_XENT_BACKEND forces, else both CPU-capable backends.
+BACKENDS = tuple(name.strip() for name in os.environ.get(
+    "MS_XENT_TEST_BACKENDS", os.environ.get("MS_XENT_BACKEND", "cpu,composed")).split(",")
+    if name.strip() and name.strip() != "auto") or ("cpu", "composed")
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +39,10 @@ def mode_fixture(request):
     """Runs the test once per execution mode; the value is the mode's name."""
     ms.set_context(mode=MODES[request.param])
     return request.param
+
+
+@pytest.fixture(params=BACKENDS, name="backend")
+def backend_fixture(request):
+    """Runs the test once per backend (``ms_xent.use_backend``); the value is its name."""
+    with ms_xent.use_backend(request.param):
+        yield request.param

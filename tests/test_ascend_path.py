@@ -1,7 +1,7 @@
 """The Ascend path, tested as far as a CPU allows (there is no NPU here).
 
-- Backend choice (ms_xent.ops.backend) for every option combination.
-- The Ascend registration objects (ms_xent.ops.ascend_op) against the aclnn C prototypes:
+- Backend choice (ms_xent._backends.dispatch) for every option combination.
+- The Ascend registration objects (ms_xent._backends.ascend.vendor_op) against the aclnn C prototypes:
   parameter count, order, names and C types (through MindSpore's own reg_info -> C type mapping
   and its own header parser), optional inputs, documented dtypes, output shapes and dtypes, and
   the positional call arguments. The prototypes are data below, checked against the seed
@@ -10,7 +10,7 @@
   target: vendor routes must reach the vendor primitive (which then fails on CPU, in PyNative at
   kernel lookup, in GRAPH_MODE only after the whole graph, bprop included, was built), composed
   routes must compute.
-- The composed fallback (ms_xent.ops.composed) against the CPU kernels, float64 numpy and PyTorch:
+- The composed fallback (ms_xent._backends.composed) against the CPU kernels, float64 numpy and PyTorch:
   forward and gradient, options, float32 / bfloat16, PyNative and GRAPH_MODE.
 """
 
@@ -25,8 +25,12 @@ import mindspore as ms
 from mindspore import nn
 from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, CustomInfoGenerator
 
-from ms_xent.ops import (ascend_op, backend, binary_cross_entropy_with_logits, composed,
-                         cross_entropy_loss, cross_entropy_loss_grad, cross_entropy_rows)
+import ms_xent
+from ms_xent._backends import composed
+from ms_xent._backends import dispatch as backend
+from ms_xent._backends.ascend import vendor_op as ascend_op
+from ms_xent.ops import (binary_cross_entropy_with_logits, cross_entropy_loss,
+                         cross_entropy_loss_grad, cross_entropy_rows)
 from tests.reference import (IGNORE_INDEX, assert_close, assert_close_to_peak,
                              assert_matches_torch_float32, make_case, numpy_cross_entropy, rounded,
                              to_ms, to_numpy, torch_bce_with_logits)
@@ -262,7 +266,9 @@ def test_forward_prototype_matches_torch_npu_seed():
 CHOICE_CASES = [
     # (device, options, builtin available, preference) -> backend
     ("CPU", {}, True, backend.ASCEND_BUILTIN, backend.CPU_KERNEL),
-    ("CPU", {"soft_target": True, "zloss": True}, False, backend.COMPOSED, backend.CPU_KERNEL),
+    ("CPU", {"soft_target": True, "zloss": True}, False, backend.ASCEND_ACLNN_CUSTOM,
+     backend.CPU_KERNEL),
+    ("CPU", {}, True, backend.COMPOSED, backend.COMPOSED),
     ("GPU", {}, True, backend.ASCEND_BUILTIN, backend.COMPOSED),
     ("Ascend", {}, True, backend.ASCEND_BUILTIN, backend.ASCEND_BUILTIN),
     ("Ascend", {"n_rows": 199999}, True, backend.ASCEND_BUILTIN, backend.ASCEND_BUILTIN),
@@ -279,10 +285,18 @@ CHOICE_CASES = [
 ]
 
 
+def choice_arguments(preference):
+    """The (requested backend, vendor variant) arguments of a preference: COMPOSED is
+    MS_XENT_BACKEND=composed, a vendor backend MS_XENT_ASCEND_BACKEND under MS_XENT_BACKEND=auto."""
+    if preference == backend.COMPOSED:
+        return {"requested": backend.COMPOSED, "variant": backend.ASCEND_BUILTIN}
+    return {"requested": backend.AUTO, "variant": preference}
+
+
 @pytest.mark.parametrize("device,options,builtin,preference,expected", CHOICE_CASES)
 def test_cross_entropy_backend_cases(device, options, builtin, preference, expected):
     assert backend.choose_cross_entropy_backend(
-        device, builtin_available=builtin, preference=preference, **options) == expected
+        device, builtin_available=builtin, **choice_arguments(preference), **options) == expected
 
 
 def test_cross_entropy_backend_every_combination():
@@ -294,12 +308,14 @@ def test_cross_entropy_backend_every_combination():
                                backend.COMPOSED))):
         choice = backend.choose_cross_entropy_backend(
             device, soft_target=soft, weighted=weighted, label_smoothing=smoothing, zloss=zloss,
-            n_rows=n_rows, builtin_available=builtin, preference=preference)
+            n_rows=n_rows, builtin_available=builtin, **choice_arguments(preference))
         servable = (not (soft or weighted or zloss) and smoothing == 0
                     and (n_rows < 0 or 0 < n_rows < 200000))
-        if device == "CPU":
+        if preference == backend.COMPOSED:
+            assert choice == backend.COMPOSED
+        elif device == "CPU":
             assert choice == backend.CPU_KERNEL
-        elif device != "Ascend" or preference == backend.COMPOSED or not servable:
+        elif device != "Ascend" or not servable:
             assert choice == backend.COMPOSED
         elif builtin and preference == backend.ASCEND_BUILTIN:
             assert choice == backend.ASCEND_BUILTIN
@@ -313,11 +329,14 @@ def test_bce_backend_every_combination():
             (backend.ASCEND_BUILTIN, backend.ASCEND_ACLNN_CUSTOM, backend.COMPOSED)):
         choice = backend.choose_bce_backend(device, n_elements=n_elements,
                                             pos_weighted=pos_weighted,
-                                            builtin_available=builtin, preference=preference)
+                                            builtin_available=builtin,
+                                            **choice_arguments(preference))
         builtin_chosen = builtin and preference == backend.ASCEND_BUILTIN
-        if device == "CPU":
+        if preference == backend.COMPOSED:
+            assert choice == backend.COMPOSED
+        elif device == "CPU":
             assert choice == backend.CPU_KERNEL
-        elif device != "Ascend" or preference == backend.COMPOSED or n_elements == 0:
+        elif device != "Ascend" or n_elements == 0:
             assert choice == backend.COMPOSED
         elif builtin_chosen:
             assert choice == (backend.COMPOSED if pos_weighted else backend.ASCEND_BUILTIN)
@@ -325,21 +344,63 @@ def test_bce_backend_every_combination():
             assert choice == backend.ASCEND_ACLNN_CUSTOM
 
 
-def test_device_target_and_preference(monkeypatch):
+def test_requested_backend_and_vendor_variant(monkeypatch):
     assert backend.device_target() == ms.get_context("device_target") == "CPU"
-    assert backend.uses_cpu_kernels()
-    for value, expected in (("builtin", backend.ASCEND_BUILTIN), (" Composed", backend.COMPOSED),
+    monkeypatch.delenv(backend.BACKEND_VARIABLE, raising=False)
+    assert backend.requested_backend() == backend.AUTO
+    for value in ("cpu", " Composed", "ascend", "auto"):
+        monkeypatch.setenv(backend.BACKEND_VARIABLE, value)
+        assert backend.requested_backend() == value.strip().lower()
+        with ms_xent.use_backend("composed"):
+            assert backend.requested_backend() == backend.COMPOSED
+            with ms_xent.use_backend("cpu"):
+                assert backend.requested_backend() == backend.CPU_KERNEL
+            assert backend.requested_backend() == backend.COMPOSED
+        assert backend.requested_backend() == value.strip().lower()
+    monkeypatch.setenv(backend.BACKEND_VARIABLE, "npu")
+    with pytest.raises(ValueError, match="MS_XENT_BACKEND must be one of"):
+        backend.requested_backend()
+    with pytest.raises(ValueError, match="use_backend must be one of"):
+        with ms_xent.use_backend("gpu"):
+            pass
+    for value, expected in (("builtin", backend.ASCEND_BUILTIN),
                             ("aclnn_custom", backend.ASCEND_ACLNN_CUSTOM)):
-        monkeypatch.setenv(backend.PREFERENCE_VARIABLE, value)
-        backend.preferred_backend.cache_clear()
-        assert backend.preferred_backend() == expected
-    monkeypatch.setenv(backend.PREFERENCE_VARIABLE, "npu")
-    backend.preferred_backend.cache_clear()
+        monkeypatch.setenv(backend.VARIANT_VARIABLE, value)
+        assert backend.ascend_variant() == expected
+    monkeypatch.setenv(backend.VARIANT_VARIABLE, "composed")
+    with pytest.raises(ValueError, match="MS_XENT_ASCEND_BACKEND=composed is now "
+                                         "MS_XENT_BACKEND=composed"):
+        backend.ascend_variant()
+    monkeypatch.setenv(backend.VARIANT_VARIABLE, "npu")
     with pytest.raises(ValueError, match="MS_XENT_ASCEND_BACKEND must be one of"):
-        backend.preferred_backend()
-    monkeypatch.delenv(backend.PREFERENCE_VARIABLE)
-    backend.preferred_backend.cache_clear()
-    assert backend.preferred_backend() == backend.ASCEND_BUILTIN
+        backend.ascend_variant()
+    monkeypatch.delenv(backend.VARIANT_VARIABLE)
+    assert backend.ascend_variant() == backend.ASCEND_BUILTIN
+
+
+@pytest.mark.parametrize("device", ["Ascend", "GPU"])
+def test_every_public_api_off_cpu_selects_its_backend(device):
+    """Per public API, the backend an automatic choice gives on a device other than CPU."""
+    vendor = backend.ASCEND_BUILTIN if device == "Ascend" else backend.COMPOSED
+    # cross_entropy_loss / cross_entropy_loss_grad: the vendor op where it serves the call
+    assert backend.choose_cross_entropy_backend(device, n_rows=8) == vendor
+    assert backend.choose_cross_entropy_backend(device, n_rows=8, zloss=True) == backend.COMPOSED
+    # binary_cross_entropy_with_logits
+    assert backend.choose_bce_backend(device, n_elements=8) == vendor
+    # cross_entropy_rows, the Cells, vocab_parallel_cross_entropy_rows: the composed rows
+    assert backend.choose_rows_backend(device) == backend.COMPOSED
+    # linear_cross_entropy: row chunks over the composed rows
+    assert backend.choose_linear_cross_entropy_backend(device) == (backend.MATMUL_CHUNKS,
+                                                                   backend.COMPOSED)
+    for api_choice in (backend.choose_rows_backend, backend.choose_bce_backend,
+                       backend.choose_cross_entropy_backend,
+                       backend.choose_linear_cross_entropy_backend):
+        with pytest.raises(ValueError, match=f"MS_XENT_BACKEND=cpu needs device CPU, the "
+                                             f"device is '{device}'"):
+            api_choice(device, requested=backend.CPU_KERNEL)
+        other = "GPU" if device == "Ascend" else "CPU"
+        with pytest.raises(ValueError, match="MS_XENT_BACKEND=ascend needs device Ascend"):
+            api_choice(other, requested=backend.ASCEND)
 
 
 # ---- dispatch with the device target patched to Ascend ----------------------------------------
@@ -353,13 +414,17 @@ def constant(value):
 
 @pytest.fixture(name="ascend")
 def fixture_ascend(monkeypatch, tmp_path):
-    """Makes ms_xent believe it runs on Ascend; returns a setter for the backend preference."""
+    """Makes ms_xent believe it runs on Ascend (MS_XENT_BACKEND=auto); returns a setter for the
+    backend preference (a vendor variant, or COMPOSED for MS_XENT_BACKEND=composed)."""
     monkeypatch.setattr(backend, "device_target", constant("Ascend"))
     monkeypatch.setenv("MS_COMPILER_CACHE_PATH", str(tmp_path / "aclnn_callbacks"))
-    monkeypatch.setattr(backend, "preferred_backend", constant(backend.ASCEND_BUILTIN))
+    monkeypatch.setattr(backend, "requested_backend", constant(backend.AUTO))
+    monkeypatch.setattr(backend, "ascend_variant", constant(backend.ASCEND_BUILTIN))
 
     def prefer(choice):
-        monkeypatch.setattr(backend, "preferred_backend", constant(choice))
+        arguments = choice_arguments(choice)
+        monkeypatch.setattr(backend, "requested_backend", constant(arguments["requested"]))
+        monkeypatch.setattr(backend, "ascend_variant", constant(arguments["variant"]))
     return prefer
 
 

@@ -16,6 +16,9 @@ from ms_xent.ops import binary_cross_entropy_with_logits
 from tests.reference import (DTYPES, assert_close, assert_close_to_peak, rounded, to_ms, to_numpy,
                              torch_bce_with_logits)
 
+# Every test runs on each backend (tests/conftest.py `backend`: cpu and composed).
+pytestmark = pytest.mark.usefixtures("backend")
+
 REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum", "none": "none", "mean": "mean", "sum": "sum"}
 SHAPES = ((7,), (1,), (3, 17), (2, 3, 5), (4, 1, 33), (2, 2, 3, 19))
 # Shape of weight / pos_weight for a target shape; None means the argument is left out.

@@ -18,6 +18,9 @@ from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from tests.reference import (assert_close, assert_close_to_peak, rounded, to_ms, to_numpy,
                              torch_masked_cross_entropy)
 
+# Every test runs on each backend (tests/conftest.py `backend`: cpu and composed).
+pytestmark = pytest.mark.usefixtures("backend")
+
 # ms_xent vs MindFormers on the same float32 inputs: both accumulate in float32.
 PARITY_LOSS_RTOL = 1e-6
 PARITY_GRAD_ATOL_TO_PEAK = 1e-5

@@ -14,6 +14,9 @@ from tests.reference import (DTYPES, IGNORE_INDEX, assert_close, assert_close_to
                              assert_matches_torch_float32, make_case, numpy_cross_entropy, rounded,
                              to_ms, to_numpy, torch_cross_entropy)
 
+# Every test runs on each backend (tests/conftest.py `backend`: cpu and composed).
+pytestmark = pytest.mark.usefixtures("backend")
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -2,8 +2,9 @@
 LinearCrossEntropyLoss Cell against a float64 PyTorch oracle (loss and gradients w.r.t. hidden,
 weight and bias) and against the unfused path (matmul + ms_xent CrossEntropyLoss), for every
 option, chunk sizes that do not divide N, V prime, N = 1, float32, bfloat16 and float16, PYNATIVE
-and GRAPH mode, on both backends (``backend`` fixture): the CPU kernel over oneDNN (vocabulary
-blocks) and the generic chunked MatMul path that serves other devices."""
+and GRAPH mode, on each backend (``backend`` fixture) and implementation (``linear_backend``): the
+CPU kernel over oneDNN (vocabulary blocks) and the chunked MatMul path over the CPU kernels or the
+composed backend's per-row cross-entropy (what other devices run)."""
 
 import re
 
@@ -12,16 +13,17 @@ import pytest
 import mindspore as ms
 from mindspore import nn, ops
 
+import ms_xent
+from ms_xent._backends import dispatch as backends
+from ms_xent._backends._mindspore import total as sum_rows
+from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
-from ms_xent.ops.cross_entropy import sum_rows
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
-from ms_xent.ops import backend as backends
 from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_BLOCK_WORKSPACE,
                                               MAX_WORKSPACE, MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
                                               MIN_ROW_BLOCK, MIN_WORKSPACE, ROW_BLOCK_FRACTION,
                                               chunk_layout, linear_cross_entropy,
                                               row_block_layout)
-from ms_xent.ops.linear_cross_entropy_cpu_op import onednn_library
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
@@ -36,11 +38,16 @@ UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stor
 SOFTCAP_GRAD_SCALE = 10.0
 
 
-@pytest.fixture(params=backends.LINEAR_BACKENDS, name="backend")
-def backend_fixture(request, monkeypatch):
-    """Runs the test once per backend of the fused linear + cross-entropy."""
-    monkeypatch.setenv(backends.LINEAR_BACKEND_VARIABLE, request.param)
-    return request.param
+@pytest.fixture(params=("kernel", "chunks"), name="linear_backend")
+def linear_backend_fixture(request, backend, monkeypatch):
+    """Runs the test once per implementation of the fused linear + cross-entropy on each backend:
+    on cpu the oneDNN kernel ("kernel") and the row chunks over the CPU kernels, as without
+    oneDNN ("chunks"); composed has the row chunks only."""
+    if request.param == "kernel" and backend != backends.CPU_KERNEL:
+        pytest.skip("the composed backend has one implementation (row chunks), run as 'chunks'")
+    if request.param == "chunks" and backend == backends.CPU_KERNEL:
+        monkeypatch.setattr(cpu_linear, "onednn_library", lambda: None)
+    return backends.MATMUL_CHUNKS if request.param == "chunks" else backends.CPU_KERNEL
 
 
 def make_data(n_rows=N, seed=0, ignore_fraction=0.0, mask=False, bias=False,
@@ -173,7 +180,7 @@ def upstream_for(options, n_rows=N, seed=5):
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_options_vs_torch(backend, mode, case):
+def test_options_vs_torch(linear_backend, mode, case):
     options, data_options = case
     data = make_data(**data_options)
     check_against_oracle(data, dict(options, chunk_size=CHUNK), upstream=upstream_for(options))
@@ -181,14 +188,14 @@ def test_options_vs_torch(backend, mode, case):
 
 @pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
                          ids=["mean", "none"])
-def test_bfloat16_vs_torch(backend, mode, options):
+def test_bfloat16_vs_torch(linear_backend, mode, options):
     check_against_oracle(make_data(**ALL_DATA), dict(options, chunk_size=CHUNK), "bfloat16",
                          upstream_for(options))
 
 
 @pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
                          ids=["mean", "none"])
-def test_float16_vs_torch(backend, options):
+def test_float16_vs_torch(linear_backend, options):
     check_against_oracle(make_data(**ALL_DATA), dict(options, chunk_size=CHUNK), "float16",
                          upstream_for(options))
 
@@ -212,19 +219,19 @@ def test_cpu_kernel_blocks_on_a_larger_problem(mode, dtype_name, chunk_size):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, N, 100])
-def test_chunk_sizes_agree(backend, chunk_size):
+def test_chunk_sizes_agree(linear_backend, chunk_size):
     """Automatic (one chunk here), one row per chunk, non-dividing, exact and oversized chunks."""
     check_against_oracle(make_data(**ALL_DATA), dict(ALL_OPTIONS, chunk_size=chunk_size))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_single_row(backend, mode, reduction):
+def test_single_row(linear_backend, mode, reduction):
     options = dict(ALL_OPTIONS, reduction=reduction, chunk_size=CHUNK)
     data = make_data(n_rows=1, bias=True, class_weight=True)
     check_against_oracle(data, options, upstream=upstream_for(options, n_rows=1))
 
 
-def test_every_row_ignored_gives_zero_loss_and_gradient(backend, mode):
+def test_every_row_ignored_gives_zero_loss_and_gradient(linear_backend, mode):
     data = make_data(bias=True)
     data["target"][:] = IGNORE_INDEX
     loss, weighted, grads = run_fused(data, dict(ALL_OPTIONS, chunk_size=CHUNK), ms.float32,
@@ -235,7 +242,7 @@ def test_every_row_ignored_gives_zero_loss_and_gradient(backend, mode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_no_rows_gives_empty_or_zero_results(backend, mode, reduction):
+def test_no_rows_gives_empty_or_zero_results(linear_backend, mode, reduction):
     hidden = ms.Tensor(np.zeros((0, H), np.float32))
     weight = to_ms(make_data()["weight"])
     target = ms.Tensor(np.zeros((0,), np.int64))
@@ -250,7 +257,7 @@ def test_no_rows_gives_empty_or_zero_results(backend, mode, reduction):
     assert grad_weight.shape == (V, H) and not to_numpy(grad_weight).any()
 
 
-def test_forward_without_gradient_matches(backend, mode):
+def test_forward_without_gradient_matches(linear_backend, mode):
     """Outside autodiff PYNATIVE skips the gradient work; the loss must not change."""
     data = make_data(**ALL_DATA)
     tensors = [to_ms(data[name]) for name in ("hidden", "weight")]
@@ -282,7 +289,7 @@ CELL_CASES = {  # constructor options, make_data keywords
 
 
 @pytest.mark.parametrize("case", CELL_CASES.values(), ids=CELL_CASES.keys())
-def test_cell_matches_unfused_cross_entropy_loss(backend, mode, case):
+def test_cell_matches_unfused_cross_entropy_loss(linear_backend, mode, case):
     """LinearCrossEntropyLoss(hidden, weight) == CrossEntropyLoss(hidden @ weight.T + bias),
     value, shape and gradients, and the oracle with MindFormers' 1e-8 denominator guard."""
     options, data_options = case
@@ -393,26 +400,63 @@ def test_cpu_kernel_row_block_follows_the_budget():
     assert row_block_layout("api", 0, H, V, ms.float32, None) == 1
 
 
+def test_composed_row_chunks_match_the_cpu_kernel(mode, monkeypatch):
+    """MS_XENT_BACKEND=composed runs the row chunks over the composed per-row cross-entropy (no
+    CPU-only piece): same loss and gradients as the oneDNN CPU kernel (rtol 1e-5)."""
+    rng = np.random.default_rng(11)
+    n_rows, n_hidden, n_vocab = 64, 32, 257
+    hidden = ms.Tensor(rng.standard_normal((n_rows, n_hidden)).astype(np.float32))
+    weight = ms.Tensor((rng.standard_normal((n_vocab, n_hidden)) / 3).astype(np.float32))
+    bias = ms.Tensor(rng.standard_normal(n_vocab).astype(np.float32))
+    target_np = rng.integers(0, n_vocab, n_rows)
+    target_np[::7] = -100
+    target = ms.Tensor(target_np.astype(np.int32))
+    class_weight = ms.Tensor(rng.uniform(0.5, 2.0, n_vocab).astype(np.float32))
+    rows_backends = []
+    row_kernels = backends.row_kernels
+
+    def spy(name, *args):
+        rows_backends.append(name)
+        return row_kernels(name, *args)
+
+    monkeypatch.setattr(backends, "row_kernels", spy)
+    results = {}
+    for name in ("cpu", "composed"):
+        def loss_of(h, w, b):
+            return linear_cross_entropy(h, w, target, bias=b, class_weight=class_weight,
+                                        label_smoothing=0.1, lse_square_scale_for_zloss=1e-3,
+                                        chunk_size=24)
+
+        with ms_xent.use_backend(name):
+            loss, grads = ms.value_and_grad(loss_of, grad_position=(0, 1, 2))(hidden, weight,
+                                                                               bias)
+        results[name] = [loss.asnumpy()] + [grad.asnumpy() for grad in grads]
+    assert rows_backends and set(rows_backends) == {backends.COMPOSED}
+    for what, kernel, composed in zip(("loss", "hidden", "weight", "bias"), results["cpu"],
+                                      results["composed"]):
+        np.testing.assert_allclose(composed, kernel, rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(kernel).max()), err_msg=what)
+
+
 def test_backend_choice():
     choose = backends.choose_linear_cross_entropy_backend
-    assert choose("CPU", onednn_available=True) == backends.CPU_KERNEL
-    assert choose("CPU", onednn_available=False) == backends.MATMUL_CHUNKS
-    assert choose("CPU", onednn_available=True, preference="matmul_chunks") == \
-        backends.MATMUL_CHUNKS
-    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND=cpu_kernel needs a MindSpore"):
-        choose("CPU", onednn_available=False, preference="cpu_kernel")
+    cpu, chunks, composed = backends.CPU_KERNEL, backends.MATMUL_CHUNKS, backends.COMPOSED
+    assert choose("CPU", onednn_available=True) == (cpu, cpu)
+    assert choose("CPU", onednn_available=False) == (chunks, cpu)
+    assert choose("CPU", requested="composed", onednn_available=True) == (chunks, composed)
     for device in ("Ascend", "GPU"):
-        with pytest.raises(NotImplementedError, match=f"CPU only .* the device is '{device}'"):
-            choose(device, onednn_available=True)
-    with pytest.raises(ValueError, match="MS_XENT_LINEAR_CE_BACKEND must be one of"):
-        choose("CPU", onednn_available=True, preference="fast")
+        assert choose(device, onednn_available=True) == (chunks, composed)
+        with pytest.raises(ValueError, match=f"MS_XENT_BACKEND=cpu needs device CPU, the device "
+                                             f"is '{device}'"):
+            choose(device, requested="cpu")
     # What every other test here relies on: this MindSpore wheel ships oneDNN, so the default on
     # this machine is the CPU kernel.
-    assert onednn_library() is not None
-    assert backends.linear_cross_entropy_backend(True) == backends.CPU_KERNEL
+    assert cpu_linear.onednn_library() is not None
+    with ms_xent.use_backend("auto"):
+        assert backends.linear_cross_entropy_backend(True) == (cpu, cpu)
 
 
-def test_bad_target_is_refused_at_run_time_in_graph_mode(backend):
+def test_bad_target_is_refused_at_run_time_in_graph_mode(linear_backend):
     """GRAPH mode cannot check target values before the graph runs: the run fails, naming the
     value and the valid range (the class-weight gather sees it first; the kernels refuse such
     targets too, see tests/sanitizers)."""
@@ -495,7 +539,7 @@ class TinyLanguageModel(nn.Cell):
         return self.loss(ops.matmul(hidden, self.lm_head.T), label, mask)
 
 
-def test_training_steps_match_the_unfused_model(backend, mode):
+def test_training_steps_match_the_unfused_model(linear_backend, mode):
     """TrainOneStepCell + SGD: the lm_head Parameter gets the fused gradient; three steps give
     the same losses and parameters as the unfused model."""
     data = make_data(mask=True, ignore_fraction=0.2)

@@ -27,7 +27,6 @@ from mindformers.wrapper import MFTrainOneStepCell
 from ms_xent.mindformers.models import MsXentLlamaForCausalLM, build_model_loss
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
 from ms_xent.mindformers.train_step import MsXentTrainOneStepCell
-from ms_xent.mindformers.training import DeviceUnavailableError, load_config, pattern_corpus
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from tests.reference import torch_masked_cross_entropy
 
@@ -37,6 +36,9 @@ DP2_CONFIG = REPO_ROOT / "configs" / "tiny_llama_ms_xent_dp2.yaml"
 ASCEND_CONFIG = REPO_ROOT / "configs" / "llama2_7b_ms_xent_ascend.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
 MSRUN_SCRIPT = REPO_ROOT / "scripts" / "msrun_train.py"
+# The training job (loop, corpus, progress bar) lives with the scripts, not in the library.
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from _training import DeviceUnavailableError, load_config, pattern_corpus  # noqa: E402  pylint: disable=wrong-import-position
 
 TINY_LLAMA = dict(batch_size=4, seq_length=16, vocab_size=64, hidden_size=32, num_layers=1,
                   num_heads=2, intermediate_size=64, compute_dtype="float32",

@@ -475,7 +475,7 @@ def test_int32_and_int64_targets_give_identical_results(mode, dtype_name):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 
 
-def test_int32_targets_with_ignore_index_beyond_int32():
+def test_int32_targets_with_ignore_index_beyond_int32(backend):
     """Found by tests/test_fuzz.py: MindSpore converts a Python int to the tensor's dtype, so
     ``int32_target != 2**40`` compared with 0 (wrapped) and the z-loss mask and
     cross_entropy_loss_grad treated every row of class 0 as ignored (gradient 0). No int32 value
@@ -501,7 +501,7 @@ def test_int32_targets_with_ignore_index_beyond_int32():
 
 
 
-def test_int32_targets_with_ignore_index_beyond_int32_vocab_parallel():
+def test_int32_targets_with_ignore_index_beyond_int32_vocab_parallel(backend):
     """The same as above through vocab_parallel_cross_entropy_rows (one process)."""
     from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows
 
@@ -512,6 +512,32 @@ def test_int32_targets_with_ignore_index_beyond_int32_vocab_parallel():
                                                ignore_index=2 ** 40)
     for name, a, b in zip(("loss_rows", "lse", "row_weight"), actual, expected):
         assert_close(a, to_numpy(b), ms.float32, name)
+
+
+@pytest.mark.parametrize("ignore_index", [2 ** 32, 2 ** 40])
+def test_int32_targets_with_ignore_index_beyond_int32_linear(backend, ignore_index):
+    """linear_cross_entropy compared int32 targets with ignore_index directly: 2**32 wrapped to 0,
+    the rows of class 0 left the "mean" denominator (3.456 instead of 2.304 on this case) and
+    the gradient grew by the same factor. The oracle: the same logits through
+    cross_entropy_loss with int64 targets."""
+    from ms_xent.ops import linear_cross_entropy
+
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((9, 4)).astype(np.float32)
+    weight = rng.standard_normal((5, 4)).astype(np.float32)
+    target = rng.integers(0, 5, 9)
+    target[:3] = 0
+    ref = numpy_cross_entropy((hidden.astype(np.float64) @ weight.T.astype(np.float64)),
+                              target, None, "mean", -100, 0.0, 0.0)
+
+    def loss_of(h):
+        return linear_cross_entropy(h, ms.Tensor(weight), ms.Tensor(target.astype(np.int32)),
+                                    ignore_index=ignore_index)
+
+    loss, grad = ms.value_and_grad(loss_of)(ms.Tensor(hidden))
+    assert_close(loss, ref["loss"], ms.float32, "loss")
+    assert_close_to_peak(grad, ref["grad"] @ weight.astype(np.float64), ms.float32, "grad",
+                         ref["grad_unit"])
 
 
 # ---- ignore_index that is a valid class --------------------------------------------------------

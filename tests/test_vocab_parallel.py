@@ -27,6 +27,9 @@ from tests.distributed.msrun import run_msrun
 from tests.reference import (TOLERANCE, assert_close, assert_close_to_peak, numpy_cross_entropy,
                              rounded)
 
+# Every test runs on each backend (tests/conftest.py `backend`: cpu and composed).
+pytestmark = pytest.mark.usefixtures("backend")
+
 WORKER = Path(worker.__file__)
 # Distributed vs single-process ms_xent (same kernels, same float32 inputs).
 PARITY_RTOL = {"float32": 1e-6, "bfloat16": TOLERANCE[ms.bfloat16][0]}

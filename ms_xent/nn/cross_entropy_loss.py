@@ -1,7 +1,7 @@
 """CrossEntropyLoss Cell: a drop-in for ``mindformers.core.CrossEntropyLoss`` on the fused kernel.
 
-The per-row loss comes from :func:`ms_xent.ops.cross_entropy_rows`, which keeps only the per-row
-log-sum-exp between forward and backward and recomputes the softmax from the logits in the
+The per-row loss comes from :func:`ms_xent.ops.cross_entropy_rows`, which (on every backend) keeps
+only per-row float32 values between forward and backward and recomputes the softmax from the logits in the
 backward: with [N, C] logits and class-index labels, no [N, C] tensor besides the logits and their
 gradient is allocated (measured: fwd+bwd peak +1.03x the logits at N=8192, C=32000 float32, GRAPH
 mode). Logits with more leading dims cost one copy more where MindSpore materialises the reshape
@@ -22,8 +22,8 @@ from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
-from ms_xent.ops.cross_entropy import cross_entropy_rows, sum_rows
-from ms_xent.ops.vocab_parallel import vocab_parallel_cross_entropy_rows
+from ms_xent._backends._mindspore import known, total
+from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
 
 API = "CrossEntropyLoss"
@@ -31,15 +31,11 @@ API = "CrossEntropyLoss"
 DENOMINATOR_GUARD = 1e-8
 
 
-def _known(dim):
-    return dim is not None and dim >= 0
-
-
 def _product(dims):
     """Product of the dims; -1 when one of them is only known at run time."""
     total = 1
     for dim in dims:
-        if not _known(dim):
+        if not known(dim):
             return -1
         total *= dim
     return total
@@ -56,20 +52,20 @@ def _flat_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shap
     n_rows, n_classes = _product(logits_shape[:-1]), logits_shape[-1]
     soft = label_dtype in FLOAT_TYPES
     if soft:
-        if not label_shape or (_known(label_shape[-1]) and _known(n_classes)
+        if not label_shape or (known(label_shape[-1]) and known(n_classes)
                                and label_shape[-1] != n_classes):
             raise ValueError(f"{API}: probability `label` must end with the class axis of "
                              f"`logits` ({n_classes}), got shape {tuple(label_shape)}")
         label_rows = _product(label_shape[:-1])
     else:
         label_rows = _product(label_shape)
-    if _known(n_rows) and _known(label_rows) and label_rows != n_rows:
+    if known(n_rows) and known(label_rows) and label_rows != n_rows:
         kind = "[N, C] class probabilities" if soft else "[N] class indices"
         raise ValueError(f"{API}: `label` must hold {kind} for the N = {n_rows} rows of `logits` "
                          f"{tuple(logits_shape)}, got shape {tuple(label_shape)}")
     if mask_shape is not None:
         mask_rows = _product(mask_shape)
-        if _known(n_rows) and _known(mask_rows) and mask_rows != n_rows:
+        if known(n_rows) and known(mask_rows) and mask_rows != n_rows:
             raise ValueError(f"{API}: `input_mask` must have one entry per row of `logits` "
                              f"(N = {n_rows}), got shape {tuple(mask_shape)}")
     return n_rows, soft
@@ -292,11 +288,11 @@ class CrossEntropyLoss(nn.Cell):
         if self.reduction == "none":
             result = contributions
         elif self.reduction == "sum":
-            result = sum_rows(contributions).reshape((1,))
+            result = total(contributions).reshape((1,))
         else:
-            # sum_rows, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
-            numerator = sum_rows(contributions)
-            denominator = sum_rows(counted) + self.guard
+            # total, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
+            numerator = total(contributions)
+            denominator = total(counted) + self.guard
             result = numerator if self.per_token_output else numerator / denominator
 
         # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph

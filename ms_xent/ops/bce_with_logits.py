@@ -1,23 +1,20 @@
 """Functional API of the fused binary cross-entropy with logits (SPEC section 5)."""
 
 import mindspore as ms
-from mindspore import ops
 
-from ms_xent.ops import backend
-from ms_xent.ops.aot_primitive import cached_primitive
-from ms_xent.ops.bce_with_logits_op import BceWithLogitsForward
+from ms_xent._backends import dispatch
+from ms_xent._backends._mindspore import executing_eagerly
 from ms_xent.ops.validation import (bce_reduction, check_bce_input_and_target,
-                                    check_broadcastable_to, check_non_negative_values,
-                                    executing_eagerly)
+                                    check_broadcastable_to, check_non_negative_values)
 
 API = "binary_cross_entropy_with_logits"
 
 
 def _factor(name, value, target_shape):
-    """``weight`` / ``pos_weight`` as float32 in its own shape (the kernel broadcasts it);
-    a 0-d one when absent."""
+    """``weight`` / ``pos_weight`` as float32 in its own shape (the backends broadcast it), or
+    None."""
     if value is None:
-        return ops.ones((), ms.float32)
+        return None
     if not isinstance(value, ms.Tensor):
         raise TypeError(f"{API}: `{name}` must be a Tensor or None, got {type(value).__name__}")
     check_broadcastable_to(API, name, value.shape, value.dtype, target_shape)
@@ -64,18 +61,8 @@ def binary_cross_entropy_with_logits(  # pylint: disable=redefined-builtin
     """
     reduction = bce_reduction(API, reduction)
     check_bce_input_and_target(API, input.shape, input.dtype, target.shape, target.dtype)
-    pos_weighted = pos_weight is not None
     weight = _factor("weight", weight, target.shape)
     pos_weight = _factor("pos_weight", pos_weight, target.shape)
     if target.dtype != input.dtype:
         target = target.astype(input.dtype)
-    if not backend.uses_cpu_kernels():  # off CPU: ms_xent.ops.backend chooses the implementation
-        return backend.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                        reduction, pos_weighted)
-    if reduction == "none":
-        return cached_primitive(BceWithLogitsForward, False)(input, target, weight, pos_weight)
-    total = cached_primitive(BceWithLogitsForward, True)(input, target, weight, pos_weight)
-    total = total.reshape(())
-    if reduction == "mean":
-        total = total / ops.size(input)
-    return total.astype(input.dtype)
+    return dispatch.binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction)

@@ -2,14 +2,15 @@
 
 For a language model's head the logits are the largest activation (N = 8192 tokens and a 128k
 vocabulary make 4 GiB in float32, and their gradient as much again). :func:`linear_cross_entropy`
-never holds them. It runs on CPU, with two backends (chosen in :mod:`ms_xent.ops.backend`):
+never holds them. Two implementations (chosen in :mod:`ms_xent._backends.dispatch`):
 
-- ``cpu_kernel`` (default): one C++ kernel (:mod:`ms_xent.ops.linear_cross_entropy_cpu_op`)
-  walks over the vocabulary in blocks of all N rows with oneDNN's matrix products; the weight
-  gradient is written once, block by block, and at most one [N, block] block of logits exists.
-- ``matmul_chunks`` (without oneDNN, or chosen): rows in chunks of MindSpore MatMul + the fused
-  cross-entropy kernels
-  (:mod:`ms_xent.ops.linear_cross_entropy_op`): per chunk the logits, the fused cross-entropy
+- ``cpu_kernel`` (the CPU default): one C++ kernel
+  (:mod:`ms_xent._backends.cpu.linear_cross_entropy_op`) walks over the vocabulary in blocks of
+  all N rows with oneDNN's matrix products; the weight gradient is written once, block by block,
+  and at most one [N, block] block of logits exists.
+- ``matmul_chunks`` (every other device, ``MS_XENT_BACKEND=composed``, or a MindSpore without
+  oneDNN): rows in chunks of MindSpore MatMul + the rows backend's per-row cross-entropy
+  (:mod:`ms_xent._backends.linear_chunks`): per chunk the logits, the per-row cross-entropy
   forward, and at once the chunk's gradient w.r.t. the hidden states and its contribution to the
   gradient w.r.t. the weight and bias. At most one chunk of logits is alive at a time.
 
@@ -22,11 +23,13 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import constexpr
 
-from ms_xent.ops import backend, linear_cross_entropy_cpu_op, linear_cross_entropy_op
-from ms_xent.ops.cross_entropy import sum_rows
-from ms_xent.ops.linear_cross_entropy_op import FLOAT32_BYTES, live_row_buffers
+from ms_xent._backends import dispatch, linear_chunks
+from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known, safe_divide,
+                                          total)
+from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
+from ms_xent._backends.linear_chunks import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
-                                    check_option_values, check_target_values, executing_eagerly)
+                                    check_option_values, check_target_values)
 
 API = "linear_cross_entropy"
 MIB = 1 << 20
@@ -57,10 +60,6 @@ MAX_BLOCK_WORKSPACE = 256 * MIB
 MIN_ROW_BLOCK = 16
 
 
-def _known(dim):
-    return dim is not None and dim >= 0
-
-
 @constexpr
 def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, target_shape,
                   target_dtype, bias_shape, bias_dtype, class_weight_shape, class_weight_dtype,
@@ -78,7 +77,7 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
                          f"{tuple(weight_shape)}")
     n_rows, n_hidden = hidden_shape
     n_vocab = weight_shape[0]
-    if not all(_known(dim) for dim in (n_rows, n_hidden, n_vocab, weight_shape[1])):
+    if not all(known(dim) for dim in (n_rows, n_hidden, n_vocab, weight_shape[1])):
         raise ValueError(f"{api}: needs static shapes (the chunk loop is unrolled at compile "
                          f"time), got hidden {tuple(hidden_shape)} and weight "
                          f"{tuple(weight_shape)}")
@@ -189,8 +188,8 @@ def _check_chunk_size(api, chunk_size):
 
 @constexpr
 def _linear_backend():
-    return backend.linear_cross_entropy_backend(
-        linear_cross_entropy_cpu_op.onednn_library() is not None)
+    """(implementation, rows backend) for this call (a constant in GRAPH mode)."""
+    return dispatch.linear_cross_entropy_backend(cpu_linear.onednn_library() is not None)
 
 
 def _check_class_weight_values(api, class_weight):
@@ -199,13 +198,6 @@ def _check_class_weight_values(api, class_weight):
     if not np.isfinite(values).all() or (values < 0).any():
         raise ValueError(f"{api}: `class_weight` must be finite and non-negative, got min "
                          f"{values.min()} and max {values.max()}")
-
-
-def _divide_rows(rows, denominator):
-    """rows / denominator, and zeros when the denominator is 0 (every row ignored)."""
-    positive = denominator > 0
-    safe = ops.select(positive, denominator, ops.ones_like(denominator))
-    return rows / safe * positive.astype(ms.float32)
 
 
 def _shape_or_none(tensor):
@@ -253,12 +245,12 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
     accumulating d loss / d hidden. Four matrix products (oneDNN, every core; bfloat16 products
     with float32 accumulation for bfloat16 inputs, whose logits gradient is rounded to bfloat16 as
     their operand like the unfused path's bfloat16 gradient; float32 otherwise) where the unfused
-    path has three. Chunked path (``MS_XENT_LINEAR_CE_BACKEND=matmul_chunks``, or a MindSpore
-    without oneDNN): rows in chunks of MindSpore MatMul in float32 (the logits, the fused
-    cross-entropy forward and backward, the chunk's rows of d loss / d hidden and its float32
+    path has three. Chunked path (any device other than CPU, ``MS_XENT_BACKEND=composed``, or a
+    MindSpore without oneDNN): rows in chunks of MindSpore MatMul in float32 (the logits, the
+    rows backend's per-row cross-entropy forward and backward, the chunk's rows of d loss / d hidden and its float32
     contribution to d loss / d weight); in PYNATIVE mode each chunk is a small graph compiled on
     first use for each chunk shape; in GRAPH mode the chunk loop unrolls at compile time. Both
-    need static shapes in GRAPH mode. CPU only: another device raises NotImplementedError.
+    need static shapes in GRAPH mode.
 
     Args:
         hidden: [N, H] float32 / bfloat16 / float16 hidden states (flatten batch dims first).
@@ -334,7 +326,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     if not has_bias:
         bias = ops.zeros((n_vocab,), hidden.dtype)
 
-    counted = target != ignore_index
+    counted = counted_rows(target, ignore_index)
     safe_target = ops.select(counted, target, ops.zeros_like(target))
     row_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(ms.float32)
     if input_mask is None:
@@ -346,27 +338,29 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
 
     static = (int(ignore_index), float(label_smoothing), weighted, has_bias, float(logit_softcap),
               float(logit_scale))
-    use_kernel = _linear_backend() == backend.CPU_KERNEL
+    implementation, rows_backend = _linear_backend()
+    use_kernel = implementation == dispatch.CPU_KERNEL
     if use_kernel:
         layout = row_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
     else:
         layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
+        static = (rows_backend,) + static
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
 
     if reduction == "none":
         if use_kernel:
-            return linear_cross_entropy_cpu_op.linear_cross_entropy_rows(static, layout, *inputs)
-        return linear_cross_entropy_op.linear_cross_entropy_rows(static, layout, *inputs)
+            return cpu_linear.linear_cross_entropy_rows(static, layout, *inputs)
+        return linear_chunks.linear_cross_entropy_rows(static, layout, *inputs)
 
-    denominator = ops.stop_gradient(sum_rows(row_weight)) + denominator_guard
+    denominator = ops.stop_gradient(total(row_weight)) + denominator_guard
     if reduction == "mean" and not return_per_token:
-        row_coef = _divide_rows(row_coef, denominator)
-        z_coef = _divide_rows(z_coef, denominator)
+        row_coef = safe_divide(row_coef, denominator)
+        z_coef = safe_divide(z_coef, denominator)
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if use_kernel:
-        total = linear_cross_entropy_cpu_op.linear_cross_entropy_sum(static, layout, *inputs)
+        loss_total = cpu_linear.linear_cross_entropy_sum(static, layout, *inputs)
     else:
-        total = linear_cross_entropy_op.linear_cross_entropy_sum(static, layout, *inputs)
+        loss_total = linear_chunks.linear_cross_entropy_sum(static, layout, *inputs)
     if return_per_token:
-        return total, denominator
-    return total
+        return loss_total, denominator
+    return loss_total

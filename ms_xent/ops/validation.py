@@ -12,25 +12,14 @@ import numbers
 import numpy as np
 import mindspore as ms
 from mindspore.ops import constexpr
-from mindspore.ops._primitive_cache import _is_need_compile
+
+from ms_xent._backends._mindspore import executing_eagerly, known
+from ms_xent._backends.ascend.vendor_op import BCE_REDUCTION_CODES
 
 FLOAT_TYPES = (ms.float32, ms.float16, ms.bfloat16)
 INDEX_TYPES = (ms.int32, ms.int64)
 REDUCTIONS = ("mean", "sum", "none")
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
-
-
-def _known(dim):
-    return dim is not None and dim >= 0
-
-
-def _placeholder():
-    return 0
-
-
-def executing_eagerly():
-    """True in PyNative execution, False while a graph (GRAPH_MODE, ms.jit) is being compiled."""
-    return not _is_need_compile(_placeholder)
 
 
 @constexpr
@@ -77,12 +66,12 @@ def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_
     """
     check_float_input(api, input_name, input_shape, input_dtype, rank=2)
     n_rows, n_classes = input_shape
-    if _known(n_classes) and n_classes <= 0:
+    if known(n_classes) and n_classes <= 0:
         raise ValueError(f"{api}: `{input_name}` must have C > 0 classes, got shape "
                          f"{tuple(input_shape)}")
     soft = target_dtype in FLOAT_TYPES
     if soft:
-        if tuple(target_shape) != tuple(input_shape) and all(_known(d) for d in target_shape):
+        if tuple(target_shape) != tuple(input_shape) and all(known(d) for d in target_shape):
             raise ValueError(f"{api}: probability `target` must have the shape of `{input_name}` "
                              f"{tuple(input_shape)}, got {tuple(target_shape)}")
         return True
@@ -91,7 +80,7 @@ def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_
                         f"probabilities), got {target_dtype}")
     if len(target_shape) != 1:
         raise ValueError(f"{api}: `target` must be 1-D [N], got shape {tuple(target_shape)}")
-    if _known(n_rows) and _known(target_shape[0]) and target_shape[0] != n_rows:
+    if known(n_rows) and known(target_shape[0]) and target_shape[0] != n_rows:
         raise ValueError(f"{api}: `target` has {target_shape[0]} rows but `{input_name}` has "
                          f"{n_rows}")
     return False
@@ -101,7 +90,7 @@ def check_logits_and_target(api, input_shape, input_dtype, target_shape, target_
 def check_weight(api, weight_shape, weight_dtype, n_classes):
     if weight_dtype not in FLOAT_TYPES:
         raise TypeError(f"{api}: `weight` must be a float tensor, got {weight_dtype}")
-    if len(weight_shape) != 1 or (_known(n_classes) and weight_shape[0] != n_classes):
+    if len(weight_shape) != 1 or (known(n_classes) and weight_shape[0] != n_classes):
         raise ValueError(f"{api}: `weight` must have shape ({n_classes},) (one per class), got "
                          f"{tuple(weight_shape)}")
     return True
@@ -124,10 +113,28 @@ def check_weight_values(api, weight):
         raise ValueError(f"{api}: `weight` must be non-negative, got min {values.min()}")
 
 
+def class_weight(api, weight, n_classes):
+    """``weight`` checked and as float32 [C], or None."""
+    if weight is None:
+        return None
+    check_weight(api, weight.shape, weight.dtype, n_classes)
+    if executing_eagerly():
+        check_weight_values(api, weight)
+    return weight.astype(ms.float32)
+
+
+def validate_logits_and_target(api, logits, target, ignore_index, logits_name="input"):
+    """Static checks; eager value checks. Returns True for probability targets."""
+    soft = check_logits_and_target(api, logits.shape, logits.dtype, target.shape, target.dtype,
+                                   logits_name)
+    check_ignore_index(api, ignore_index)
+    if not soft and executing_eagerly():
+        check_target_values(api, target, logits.shape[1], ignore_index)
+    return soft
+
+
 # ---- binary_cross_entropy_with_logits ----------------------------------------------------------
 
-# The vendor op (aclnnBinaryCrossEntropyWithLogits) takes the reduction as an integer.
-BCE_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
 
 
 def _unknown_rank(shape):
@@ -155,7 +162,7 @@ def check_bce_input_and_target(api, input_shape, input_dtype, target_shape, targ
     if _unknown_rank(input_shape) or _unknown_rank(target_shape):
         return True
     same = len(input_shape) == len(target_shape) and all(
-        a == b or not _known(a) or not _known(b) for a, b in zip(input_shape, target_shape))
+        a == b or not known(a) or not known(b) for a, b in zip(input_shape, target_shape))
     if not same:
         raise ValueError(f"{api}: `target` must have the shape of `input` {tuple(input_shape)}, "
                          f"got {tuple(target_shape)}")
@@ -170,7 +177,7 @@ def check_broadcastable_to(api, name, shape, dtype, target_shape):
     if _unknown_rank(shape) or _unknown_rank(target_shape):
         return True
     fits = len(shape) <= len(target_shape) and all(
-        d == 1 or d == t or not _known(d) or not _known(t)
+        d == 1 or d == t or not known(d) or not known(t)
         for d, t in zip(reversed(shape), reversed(target_shape)))
     if not fits:
         raise ValueError(f"{api}: `{name}` of shape {tuple(shape)} cannot be broadcast to the "

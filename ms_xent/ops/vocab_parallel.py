@@ -4,19 +4,22 @@
 whose class axis is split over the ranks of a communication group (tensor / model parallelism,
 as the output of a column-parallel lm_head): every rank passes its slice of the logits and the
 same targets, and gets the per-row values of the whole vocabulary; the gradient each rank gets
-is its slice of the single-device gradient. The math is in :mod:`ms_xent.ops.vocab_parallel_op`.
+is its slice of the single-device gradient. The math is in :mod:`ms_xent._backends.vocab_parallel`;
+it runs on the rows backend of :mod:`ms_xent._backends.dispatch` (any device).
 """
 
 import functools
 
+import mindspore as ms
+from mindspore import ops
 from mindspore.communication import GlobalComm, get_group_size, get_rank
 from mindspore.ops import constexpr
 
-from ms_xent.ops import backend
-from ms_xent.ops.cross_entropy import _class_weight
+from ms_xent._backends import dispatch
+from ms_xent._backends._mindspore import executing_eagerly
+from ms_xent._backends.vocab_parallel import NOT_OWNED, VocabParallelRows
 from ms_xent.ops.validation import (check_ignore_index, check_logits_and_target,
-                                    check_option_values, check_target_values, executing_eagerly)
-from ms_xent.ops.vocab_parallel_op import VocabParallelRows
+                                    check_option_values, check_target_values, class_weight)
 
 API = "vocab_parallel_cross_entropy_rows"
 
@@ -52,13 +55,15 @@ def _shard_layout(group, shard_classes, vocab_start, num_classes):
 
 
 @functools.lru_cache(maxsize=None)
-def _vocab_parallel_cell(*args):
-    """One :class:`VocabParallelRows` per configuration (created at compile time in GRAPH mode).
+def _vocab_parallel_cell(backend_name, ignore_index, label_smoothing, weighted, soft, *layout):
+    """One :class:`VocabParallelRows` per rows backend and configuration (created at compile time
+    in GRAPH mode).
 
     A plain dict cache would be parsed into the graph, and MindSpore cannot make a graph
     constant of a dict holding Cells; the lru_cache wrapper is called as Python instead.
     """
-    return VocabParallelRows(*args)
+    rows = dispatch.row_kernels(backend_name, NOT_OWNED, 0.0, weighted, soft)
+    return VocabParallelRows(rows, ignore_index, label_smoothing, soft, *layout)
 
 
 def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=-100,
@@ -94,13 +99,9 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
     softmax from the logits). With label smoothing the forward adds x_r @ w_r (on a float32
     copy of the slice for half dtypes) and the backward one [N, C_r] float32 temporary. A target outside [0, C) that is not
     ``ignore_index`` raises ValueError in PyNative; in a graph the row's loss is NaN.
-    Runs on CPU (the fused aot kernels); other devices raise NotImplementedError.
+    Runs on the rows backend (the fused CPU kernels, or the composed backend on other devices or
+    under ``MS_XENT_BACKEND=composed``).
     """
-    if not backend.uses_cpu_kernels():
-        raise NotImplementedError(
-            f"{API}: the explicit-collective path runs the CPU kernels only (device target "
-            f"{backend.device_target()}); on Ascend use SEMI_AUTO_PARALLEL, where the "
-            f"CrossEntropyLoss Cell sets MindFormers' shard strategies")
     check_option_values(API, "mean", label_smoothing, 0.0)
     soft = check_logits_and_target(API, logits.shape, logits.dtype, target.shape, target.dtype)
     check_ignore_index(API, ignore_index)
@@ -108,10 +109,13 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
                                                                 vocab_start, num_classes)
     if not soft and executing_eagerly():
         check_target_values(API, target, num_classes, ignore_index)
-    weight_f32, weighted = _class_weight(API, weight, logits.shape[1])
-    rows = _vocab_parallel_cell(ignore_index, float(label_smoothing), weighted, soft, num_classes,
-                                vocab_start, group, world_size)
+    weight = class_weight(API, weight, logits.shape[1])
+    weighted = weight is not None
+    if not weighted:
+        weight = ops.ones((logits.shape[1],), ms.float32)
+    rows = _vocab_parallel_cell(dispatch.rows_backend(), ignore_index, float(label_smoothing),
+                                weighted, soft, num_classes, vocab_start, group, world_size)
     if soft:
         target = target.astype(logits.dtype)
-    outputs = rows(logits, target, weight_f32)
+    outputs = rows(logits, target, weight)
     return outputs[0], outputs[1], outputs[2]

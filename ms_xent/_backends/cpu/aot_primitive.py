@@ -6,8 +6,9 @@ attribute values into a primitive whose kernel is the compiled library from
 :mod:`ms_xent._backends.cpu.build`. Output shapes come from the C++ ``<Symbol>InferShape`` functions
 (needed for GRAPH_MODE with dynamic shapes); output dtypes from a Python rule.
 
-Primitives are created through :func:`cached_primitive` so that PyNative code reuses one
-instance per attribute set, and graph mode instantiates them at compile time.
+Primitives are created through :func:`ms_xent._backends._mindspore.cached_primitive` so that
+PyNative code reuses one instance per attribute set, and graph mode instantiates them at compile
+time.
 """
 
 import itertools
@@ -16,7 +17,6 @@ from typing import Callable, Dict, Sequence, Tuple
 
 from mindspore import ops
 from mindspore.ops import CustomRegOp
-from mindspore.ops._primitive_cache import _get_cache_prim
 
 from ms_xent._backends.cpu.build import kernel_library
 
@@ -88,8 +88,3 @@ class AotPrimitive(ops.Custom):
         )
         for name, value in attrs.items():
             self.add_prim_attr(name, value)
-
-
-def cached_primitive(cls, *args):
-    """One primitive instance per (class, arguments) in PyNative; a fresh one when compiling."""
-    return _get_cache_prim(cls)(*args)

@@ -1,4 +1,5 @@
-"""Training a MindFormers config with ``ms_xent``'s loss: the job behind ``scripts/train.py``.
+"""Training a MindFormers config with ``ms_xent``'s loss: the job behind ``scripts/train.py`` (not
+part of the library: library code runs no job; the scripts import it from their directory).
 
 Two routes train the same network from the same YAML config:
 

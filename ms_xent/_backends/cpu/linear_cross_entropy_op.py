@@ -1,4 +1,4 @@
-"""Op layer of the fused linear + cross-entropy on CPU: one compiled kernel per call.
+"""The fused linear + cross-entropy on CPU: one compiled kernel per call.
 
 ``csrc/linear_cross_entropy_kernel.cc`` runs the whole computation (the math is in its header):
 it walks over the vocabulary in blocks of all N rows, computes each block's logits with oneDNN's
@@ -29,14 +29,12 @@ import os
 
 import mindspore as ms
 from mindspore import nn
-from mindspore.common import _Function
-from mindspore.graph.api import _pynative_executor
 
-from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive, KernelSpec,
-                                       cached_primitive, dtype_rows)
-from ms_xent.ops.cross_entropy import sum_rows
-from ms_xent.ops.linear_cross_entropy_op import no_input_grads, scaled_gradient
-from ms_xent.ops.validation import executing_eagerly
+from ms_xent._backends._mindspore import (Function, cached_primitive, executing_eagerly,
+                                          gradients_recorded, total)
+from ms_xent._backends.cpu.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive,
+                                                 KernelSpec, dtype_rows)
+from ms_xent._backends.linear_chunks import no_input_grads, scaled_gradient
 
 ONEDNN_LIBRARY = "libdnnl.so.3"
 _INPUTS = ("hidden", "weight", "bias", "target", "class_weight", "row_coef", "z_coef")
@@ -122,17 +120,17 @@ class _GraphRows(nn.Cell):
                                                                       row_coef, z_coef)
 
 
-class _EagerSum(_Function):
+class _EagerSum(Function):
     """PYNATIVE "sum": with gradients recorded, they wait in the context until the backward
     scales them; a plain call runs the forward-only kernel."""
 
     @staticmethod
     def forward(ctx, static, vocab_block, with_grads, *inputs):
         if not with_grads:
-            return sum_rows(cached_primitive(LinearRows, static, vocab_block)(*inputs)[0])
-        total, _, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+            return total(cached_primitive(LinearRows, static, vocab_block)(*inputs)[0])
+        loss_total, _, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
         ctx.grads = grads
-        return total.reshape(())
+        return loss_total.reshape(())
 
     @staticmethod
     def backward(ctx, dout):
@@ -140,7 +138,7 @@ class _EagerSum(_Function):
         return (None, None, None) + tuple(scaled_gradient(grad, dout, grad.dtype) for grad in grads) + (None,) * 4
 
 
-class _EagerRows(_Function):
+class _EagerRows(Function):
     """PYNATIVE "rows": keeps the inputs; the backward recomputes the logits."""
 
     @staticmethod
@@ -171,7 +169,7 @@ def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, 
     """
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
-        return _EagerSum.apply(static, vocab_block, _pynative_executor.requires_grad(), *inputs)
+        return _EagerSum.apply(static, vocab_block, gradients_recorded(), *inputs)
     return _GraphSum(static, vocab_block)(*inputs)[0].reshape(())
 
 

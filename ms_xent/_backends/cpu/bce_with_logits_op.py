@@ -34,7 +34,8 @@ their bprop is zero.
 import mindspore as ms
 from mindspore import ops
 
-from ms_xent.ops.aot_primitive import FLOAT_DTYPES, AotPrimitive, KernelSpec, dtype_rows
+from ms_xent._backends.cpu.aot_primitive import (FLOAT_DTYPES, AotPrimitive, KernelSpec,
+                                                 dtype_rows)
 
 F32 = ("float32",)
 _INPUTS = ("input", "target", "weight", "pos_weight")

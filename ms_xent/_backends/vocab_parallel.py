@@ -1,12 +1,13 @@
-r"""Op layer of the vocabulary-parallel cross-entropy: one Cell with an explicit bprop.
+r"""The vocabulary-parallel cross-entropy: one Cell with an explicit bprop, on any rows backend.
 
 Each of R ranks of a communication group holds the logits of a contiguous slice of the
 vocabulary, x_r = x[:, v_r : v_r + C_r] (v_r = ``vocab_start``), the same rows and the same
 targets. :class:`VocabParallelRows` returns the per-row values of the single-device
 :func:`ms_xent.ops.cross_entropy_rows` over the whole vocabulary C, and its bprop returns each
-rank's slice of the single-device gradient. It reuses the fused kernels unchanged: the forward
-kernel runs on the local slice with label smoothing 0, and the backward kernel gets the *global*
-lse as its ``shift``, so that it recomputes the global softmax directly.
+rank's slice of the single-device gradient. It is built on the backend contract's ``RowKernels``
+(the CPU kernels or the composed backend, see :mod:`ms_xent._backends.dispatch`): the per-row
+forward runs on the local slice with label smoothing 0, and the per-row backward gets the *global*
+shift state, so that it recomputes the global softmax directly.
 
 Notation (per row n; y = target, m = 1{y != ignore_index}, w the class weights, W = sum_c w[c],
 eps the label smoothing, o_r = 1{y is in rank r's slice} * m):
@@ -16,7 +17,8 @@ Forward on rank r (local slice quantities, then two collectives, then replicated
         lse_r, loss_r = o_r w[y] (lse_r - x[y]), rho_r = o_r w[y]              (class targets)
         lse_r, loss_r = sum_{c in r} w[c] t[c] (lse_r - x[c]), M_r = sum_{c in r} w[c] t[c]
                                                                                  (probabilities)
-    lse   = log sum_r exp(lse_r)              from an AllGather of lse_r (no AllReduce(MAX))
+    lse   = log sum_r exp(lse_r)      from an AllGather of the shift states (no AllReduce(MAX)):
+            (m_r, s_r) with lse_r = m_r + s_r give M = max_r m_r, s = log sum_r exp(m_r - M + s_r)
     T     = sum_r [loss_r + rho_r (lse - lse_r)]   = w[y] (lse - x[y])   (or sum_c w t (lse - x))
     S     = sum_r x_r @ w_r                        = sum_c w[c] x[c]     (only when eps > 0)
     l_n   = (1-eps) T + (eps/C) m (W lse - S)
@@ -29,7 +31,7 @@ vocabulary = exp(x_r - lse):
     dl_n/dx_r = (1-eps) w[y] (P - 1{c=y}) + (eps/C) (W P - w_r[c])               (class targets)
     dl_n/dx_r = (1-eps) (M P - w_r t_r) + (eps/C) (W P - w_r[c]),  M = sum_c w t   (probabilities)
     dlse/dx_r = P
-The backward kernel (label smoothing 0, shift = lse, local target) computes
+The per-row backward (label smoothing 0, the global shift state, local target) computes
 P (a' w_r[y] + b') - a' w[y] 1{c=y} on the rank that owns y and P b' elsewhere
 (probabilities: P (a' M_r + b') - a' w_r t_r), so it is called with
     a' = (1-eps) m a,   b' = a c_r + b,
@@ -43,18 +45,19 @@ No gradient flows through the collectives: the bprop is explicit, so AllReduce's
 (an AllReduce(SUM) of the upstream gradient, which would multiply by R the gradient of a loss
 that every rank computes) never runs.
 
-The lse_r are combined in float64 and rounded once: every softmax value exp(x - lse) of the
-backward inherits the absolute error of lse as a relative error, so lse must not lose more than
-the single-device kernel's rounding (~ulp(lse), about 1e-6 for lse in [8, 16)).
+The shift states are combined in float64 and rounded once: every softmax value exp(x - lse) of
+the backward inherits the absolute error of lse as a relative error, so lse must not lose more
+than the single-device rounding (~ulp(lse), about 1e-6 for lse in [8, 16)).
 
 Outputs: (loss_rows, lse, row_weight) float32 [N], the same on every rank, then what the bprop
-needs: lse_coefficient (c_r above), counted (m, or 1 for probabilities) and the local target.
+needs: lse_coefficient (c_r above), counted (m, or 1 for probabilities), the local target and the
+global shift state (row_max, log_sum).
 """
 
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent.ops.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
+from ms_xent._backends._mindspore import counted_rows
 
 F32 = ms.float32
 # Local target of the rows whose class another rank owns: never a valid local index.
@@ -65,9 +68,10 @@ class VocabParallelRows(nn.Cell):
     """Per-row cross-entropy of vocabulary-sharded logits; see the module docstring.
 
     Args:
+        rows: the rows backend's ``RowKernels`` for (NOT_OWNED, 0.0, weighted, soft).
         ignore_index, label_smoothing: as in :func:`ms_xent.ops.cross_entropy_rows`.
-        weighted: whether the kernels read the ``weight`` input; without class weights it must
-            hold ones (it still gives W and sum_c w[c] x[c]).
+            Without class weights the ``weight`` input must hold ones (it still gives W and
+            sum_c w[c] x[c]).
         soft: probability targets (the target input is the local [N, C_r] slice).
         num_classes: C, the size of the whole vocabulary.
         vocab_start: v_r, the first class of this rank's slice.
@@ -77,8 +81,8 @@ class VocabParallelRows(nn.Cell):
     Inputs: logits [N, C_r], target [N] (global class indices) or [N, C_r], weight [C_r] float32.
     """
 
-    def __init__(self, ignore_index, label_smoothing, weighted, soft, num_classes, vocab_start,
-                 group, world_size):
+    def __init__(self, rows, ignore_index, label_smoothing, soft, num_classes, vocab_start, group,
+                 world_size):
         super().__init__()
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -87,8 +91,7 @@ class VocabParallelRows(nn.Cell):
         self.vocab_start = vocab_start
         self.world_size = world_size
         self.smooth = label_smoothing / num_classes
-        self.forward = CrossEntropyForward(NOT_OWNED, 0.0, weighted, soft)
-        self.backward = CrossEntropyBackward(NOT_OWNED, 0.0, weighted, soft)
+        self.rows = rows
         self.matmul = ops.MatMul()
         self.cast = ops.Cast()
         self.reshape = ops.Reshape()
@@ -97,31 +100,29 @@ class VocabParallelRows(nn.Cell):
             self.all_gather = ops.AllGather(group)
             self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group)
 
-    def _not_ignored(self, target):
-        """target != ignore_index, compared in int64: MindSpore casts a Python int to the tensor's
-        dtype, so against int32 targets an ignore_index beyond int32 would wrap (2**40 -> 0)."""
-        return self.cast(target, ms.int64) != self.ignore_index
-
     def _local_target(self, target, shard_classes):
         """(local target, o_r as bool): y - v_r where this rank owns y, NOT_OWNED elsewhere."""
         local = target - self.vocab_start
-        owned = (local >= 0) & (local < shard_classes) & self._not_ignored(target)
+        owned = (local >= 0) & (local < shard_classes) & counted_rows(target, self.ignore_index)
         return ops.select(owned, local, ops.full_like(local, NOT_OWNED)), owned
 
-    def _global_lse(self, lse_r):
-        """log sum_r exp(lse_r) from an AllGather; the max is taken locally over the gathered rows.
+    def _global_shift(self, shift_r):
+        """(lse, global shift state) from the ranks' (row_max, log_sum) pairs, by one AllGather.
 
-        Combined in float64 and rounded once, so that lse (which sets the relative accuracy of
-        every softmax value exp(x - lse) of the backward) is within the rounding of the
-        single-device kernel's.
+        M = max_r m_r is taken locally over the gathered rows (AllReduce(MAX) is refused on CPU);
+        s = log sum_r exp(m_r - M + s_r) in float64, so that lse = M + s is rounded once.
         """
         if self.world_size == 1:
-            return lse_r
-        gathered = self.cast(self.all_gather(lse_r).reshape((self.world_size, -1)), ms.float64)
-        top = gathered.max(axis=0)
+            return shift_r[0] + shift_r[1], shift_r
+        gathered = self.all_gather(ops.stack(shift_r)).reshape((self.world_size, 2, -1))
+        gathered = self.cast(gathered, ms.float64)
+        row_max, log_sum = gathered[:, 0], gathered[:, 1]
+        top = row_max.max(axis=0)
         # A row that is -inf on every rank stays -inf (like the kernel), NaN and +inf propagate.
         top = ops.select(ops.isfinite(top), top, ops.full_like(top, 0.0))
-        return self.cast(top + ops.log(ops.exp(gathered - top).sum(axis=0)), F32)
+        total_log_sum = ops.log(ops.exp(row_max - top + log_sum).sum(axis=0))
+        return self.cast(top + total_log_sum, F32), (self.cast(top, F32),
+                                                     self.cast(total_log_sum, F32))
 
     def _sum_over_ranks(self, parts):
         """Elementwise sums over the group of equally shaped [N] tensors, in one AllReduce."""
@@ -139,15 +140,15 @@ class VocabParallelRows(nn.Cell):
         shard_classes = logits.shape[1]
         if self.soft:
             local_target = target
-            loss_r, lse_r = self.forward(logits, target, weight)
+            loss_r, lse_r, _, shift_r = self.rows.forward(logits, target, weight)
             mass_r = self._dot_weight(target, weight)
             owns = mass_r != 0
             counted = ops.ones_like(lse_r)
         else:
             local_target, owns = self._local_target(target, shard_classes)
-            loss_r, lse_r, mass_r = self.forward(logits, local_target, weight)
-            counted = self._not_ignored(target).astype(F32)
-        lse = self._global_lse(lse_r)
+            loss_r, lse_r, mass_r, shift_r = self.rows.forward(logits, local_target, weight)
+            counted = counted_rows(target, self.ignore_index).astype(F32)
+        lse, shift = self._global_shift(shift_r)
         # loss_r + rho_r (lse - lse_r) on the owning rank only: elsewhere lse_r may be -inf.
         target_r = ops.select(owns, loss_r + mass_r * (lse - lse_r), ops.full_like(lse, 0.0))
         parts = [target_r, mass_r, owns.astype(F32)]
@@ -172,7 +173,8 @@ class VocabParallelRows(nn.Cell):
             # A counted row that no rank owns has a target outside [0, C): NaN, never silence.
             unowned = (counted > 0) & (owners == 0)
             loss_rows = ops.select(unowned, ops.full_like(loss_rows, float("nan")), loss_rows)
-        return loss_rows, lse, row_weight, lse_coefficient, counted, local_target
+        return (loss_rows, lse, row_weight, lse_coefficient, counted, local_target, shift[0],
+                shift[1])
 
     def bprop(self, logits, target, weight, out, dout):
         """Each rank's slice of the single-device gradient, from one backward-kernel call.
@@ -181,12 +183,13 @@ class VocabParallelRows(nn.Cell):
         compile a Cell whose construct and bprop both call the same composite function
         (ops.zeros_like, ops.full_like: "The pointer[input] is null", "The func graph is empty").
         """
-        lse, lse_coefficient, counted, local_target = out[1], out[3], out[4], out[5]
+        lse_coefficient, counted, local_target = out[3], out[4], out[5]
         grad_loss, grad_lse = dout[0], dout[1]
         counted_grad = grad_loss * counted
         row_grad = (1.0 - self.label_smoothing) * counted_grad
         row_grad_lse = grad_loss * lse_coefficient + grad_lse
-        grad = self.backward(logits, local_target, weight, lse, row_grad, row_grad_lse)
+        grad = self.rows.backward(logits, local_target, weight, (out[6], out[7]), row_grad,
+                                  row_grad_lse)
         if self.label_smoothing > 0:
             # -(eps/C) m a w_r[c]: a rank-1 product, one extra [N, C_r] tensor.
             smoothing = self.matmul(self.reshape(self.smooth * counted_grad, (-1, 1)),

@@ -1,7 +1,7 @@
 """Op layer of the fused cross-entropy: the aot primitives over the C++ kernels and their bprop.
 
-Forward primitives return per-row float32 values; the functional layer
-(:mod:`ms_xent.ops.cross_entropy`) reduces them. The bprop of every forward primitive calls the
+Forward primitives return per-row float32 values; :mod:`ms_xent._backends.cpu.backend` reduces
+them. The bprop of every forward primitive calls the
 matching backward primitive with the per-row gradients of ``loss_rows`` and ``lse``, and
 recomputes the softmax from the logits the caller already holds: nothing of size [N, C] is
 kept between forward and backward besides the logits themselves.
@@ -24,8 +24,8 @@ is ignored. ``shift`` is ``lse`` when ``input`` holds logits and 0 when it holds
 import mindspore as ms
 from mindspore import ops
 
-from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive, KernelSpec,
-                                       dtype_rows)
+from ms_xent._backends.cpu.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive,
+                                                 KernelSpec, dtype_rows)
 
 F32 = ("float32",)
 

@@ -1,4 +1,6 @@
-"""Op layer of the fused linear + cross-entropy: the chunk arithmetic and its autodiff wrappers.
+"""The row-chunked fused linear + cross-entropy on any device: the chunk arithmetic (MindSpore
+MatMul + the rows backend's per-row cross-entropy, see :mod:`ms_xent._backends.dispatch`) and its
+autodiff wrappers.
 
 The full logits ``x = softcap(scale * (hidden @ weight.T + bias))`` [N, V] and their gradient never
 exist: rows are processed in chunks of ``chunk_rows``, and each chunk's logits live only while the
@@ -7,9 +9,9 @@ chunk is processed. Per chunk (rows R), with per-row factors ``row_coef`` (a_n) 
 
     z      = (scale * hidden[R]) @ weight.T + scale * bias    (float32, [c, V])
     x      = cap * tanh(z / cap)        (x = z when cap == 0)
-    l_n, lse_n  <- fused CE forward on x                      (CrossEntropyForward)
+    l_n, lse_n  <- per-row CE forward on x                    (RowKernels.forward)
     value_n     = a_n l_n + c_n lse_n^2
-    dL/dx  = CE backward with row_grad = a_n, row_grad_lse = 2 c_n lse_n   (CrossEntropyBackward)
+    dL/dx  = CE backward with row_grad = a_n, row_grad_lse = 2 c_n lse_n   (RowKernels.backward)
     dL/dz  = dL/dx * (1 - (x / cap)^2)                        (d tanh(t)/dt = 1 - tanh(t)^2)
     dL/dhidden[R]  = scale * (dL/dz @ weight)
     dL/dweight    += dL/dz^T @ (scale * hidden[R])            (float32 accumulator)
@@ -48,14 +50,11 @@ input dtypes.
 
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common import _Function
-from mindspore.graph.api import _pynative_executor
 from mindspore.ops import constexpr
 
-from ms_xent.ops.aot_primitive import cached_primitive
-from ms_xent.ops.cross_entropy import sum_rows
-from ms_xent.ops.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
-from ms_xent.ops.validation import executing_eagerly
+from ms_xent._backends import dispatch
+from ms_xent._backends._mindspore import (Function, executing_eagerly, gradients_recorded,
+                                          total)
 
 FLOAT32_BYTES = 4
 _CELLS = {}
@@ -89,18 +88,16 @@ def scaled_gradient(grad, scale, dtype):
 
 
 class ChunkMath(nn.Cell):
-    """The per-chunk arithmetic for one set of static options."""
+    """The per-chunk arithmetic for one rows backend and one set of static options."""
 
-    def __init__(self, ignore_index, label_smoothing, weighted, has_bias, logit_softcap,
-                 logit_scale):
+    def __init__(self, rows_backend, ignore_index, label_smoothing, weighted, has_bias,
+                 logit_softcap, logit_scale):
         super().__init__()
         self.has_bias = has_bias
         self.logit_softcap = float(logit_softcap)
         self.logit_scale = float(logit_scale)
-        self.forward = cached_primitive(CrossEntropyForward, ignore_index, label_smoothing,
-                                        weighted, False, False)
-        self.backward = cached_primitive(CrossEntropyBackward, ignore_index, label_smoothing,
-                                         weighted, False)
+        self.rows = dispatch.row_kernels(rows_backend, ignore_index, label_smoothing, weighted,
+                                         False)
         self.logits_matmul = ops.MatMul(transpose_b=True)
         self.hidden_matmul = ops.MatMul()
         self.weight_matmul = ops.MatMul(transpose_a=True)
@@ -124,7 +121,7 @@ class ChunkMath(nn.Cell):
 
     def values(self, logits, target, class_weight, row_coef, z_coef):
         """(value_n = a_n l_n + c_n lse_n^2, lse_n, lse_n masked for the z-loss)."""
-        loss_rows, lse, _ = self.forward(logits, target, class_weight)
+        loss_rows, lse, _, _ = self.rows.forward(logits, target, class_weight)
         z_lse = _zloss_lse(lse, z_coef)
         return row_coef * loss_rows + z_coef * z_lse * z_lse, lse, z_lse
 
@@ -136,7 +133,10 @@ class ChunkMath(nn.Cell):
         return grad_logits * (1.0 - ratio * ratio)
 
     def grad_z(self, logits, target, class_weight, lse, row_grad, row_grad_lse):
-        grad_logits = self.backward(logits, target, class_weight, lse, row_grad, row_grad_lse)
+        """dL/dz; the backend's shift state is given as (lse, 0), a valid (row_max, log_sum)."""
+        shift = (lse, ops.zeros(lse.shape, ms.float32))
+        grad_logits = self.rows.backward(logits, target, class_weight, shift, row_grad,
+                                         row_grad_lse)
         return self.pre_softcap_grad(logits, grad_logits)
 
     def grad_hidden(self, grad_z, weight_f32):
@@ -267,7 +267,7 @@ def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_
     weight_f32 = _float32(weight)
     bias_f32 = _float32(bias)
     grad_hidden, grad_weight, grad_bias = _zero_grads(hidden, weight, bias)
-    total = ops.zeros((), ms.float32)
+    loss_total = ops.zeros((), ms.float32)
     for start, end in _chunk_bounds(hidden.shape[0], chunk_rows):
         chunk_input = ops.depend(hidden_f32, (grad_hidden, grad_weight, grad_bias, total))
         hidden_scaled = math.scaled_hidden(chunk_input[start:end])
@@ -276,13 +276,13 @@ def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_
         chunk_row_coef = row_coef[start:end]
         values, lse, z_lse = math.values(logits, chunk_target, class_weight, chunk_row_coef,
                                          z_coef[start:end])
-        total = total + values.sum()
+        loss_total = loss_total + values.sum()
         grad_z = math.grad_z(logits, chunk_target, class_weight, lse, chunk_row_coef,
                              2.0 * z_coef[start:end] * z_lse)
         grad_hidden[start:end] = math.grad_hidden(grad_z, weight_f32)
         grad_bias = math.add_bias_grad(grad_bias, grad_z)
         grad_weight = ops.assign_add(grad_weight, math.weight_matmul(grad_z, hidden_scaled))
-    return total, grad_hidden, grad_weight, grad_bias
+    return loss_total, grad_hidden, grad_weight, grad_bias
 
 
 def no_input_grads(target, class_weight, row_coef, z_coef):
@@ -362,7 +362,7 @@ class LinearCrossEntropyRows(ChunkMath):
                                                                 z_coef)
 
 
-class _EagerSum(_Function):
+class _EagerSum(Function):
     """PYNATIVE "sum": the gradients wait in the context until the backward scales them."""
 
     @staticmethod
@@ -373,7 +373,7 @@ class _EagerSum(_Function):
                                        class_weight, row_coef, z_coef)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
-        return sum_rows(values)
+        return total(values)
 
     @staticmethod
     def backward(ctx, dout):
@@ -382,7 +382,7 @@ class _EagerSum(_Function):
         return (None, None, None) + scaled + (None, None, None, None)
 
 
-class _EagerRows(_Function):
+class _EagerRows(Function):
     """PYNATIVE "rows": keeps the inputs and lse; the backward recomputes the logits."""
 
     @staticmethod
@@ -413,16 +413,17 @@ def linear_cross_entropy_sum(static, layout, hidden, weight, bias, target, class
     """float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
     weight and bias.
 
-    ``static`` = (ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale),
+    ``static`` = (rows_backend, ignore_index, label_smoothing, weighted, has_bias, logit_softcap,
+    logit_scale),
     ``layout`` = (chunk_rows, vocab_block). Tensor inputs: hidden [N, H], weight [V, H], bias [V]
     (not read when has_bias is False), target [N] int, class_weight [V] float32, row_coef [N] and
     z_coef [N] float32 (not differentiated).
     """
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
-        return _EagerSum.apply(static, layout, _pynative_executor.requires_grad(), *inputs)
-    total, _, _, _ = LinearCrossEntropySum(static, layout[0])(*inputs)
-    return total
+        return _EagerSum.apply(static, layout, gradients_recorded(), *inputs)
+    loss_total, _, _, _ = LinearCrossEntropySum(static, layout[0])(*inputs)
+    return loss_total
 
 
 def linear_cross_entropy_rows(static, layout, hidden, weight, bias, target, class_weight,

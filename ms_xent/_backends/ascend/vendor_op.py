@@ -44,14 +44,15 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import auto_generate as generated_ops
 
+from ms_xent._backends._mindspore import cached_primitive, counted_rows, safe_divide
+from ms_xent._backends.composed import binary_cross_entropy_with_logits_grad
+from ms_xent._backends.cpu.aot_primitive import FLOAT_DTYPES, KernelSpec, build_reg_info, dtype_rows
 from ms_xent._backends.cpu.build import cache_root
-from ms_xent.ops.aot_primitive import (FLOAT_DTYPES, KernelSpec, build_reg_info, cached_primitive,
-                                       dtype_rows)
-from ms_xent.ops.composed import binary_cross_entropy_with_logits_grad, safe_divide
-from ms_xent.ops.validation import BCE_REDUCTION_CODES
 
 F32 = ("float32",)
 I64 = ("int64",)
+# The vendor op (aclnnBinaryCrossEntropyWithLogits) takes the reduction as an integer.
+BCE_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
 BCE_REDUCTION_VALUES = {name: code for code, name in BCE_REDUCTION_CODES.items()}
 
 
@@ -201,7 +202,7 @@ class AclnnCrossEntropyLoss(AclnnPrimitive):
 
 
 class AclnnBinaryCrossEntropyWithLogits(AclnnPrimitive):
-    """Forward; the bprop is the closed-form gradient from :mod:`ms_xent.ops.composed`."""
+    """Forward; the bprop is the closed-form gradient from :mod:`ms_xent._backends.composed`."""
 
     def __init__(self, reduction):
         def bprop(input, target, weight, pos_weight, reduction_code, out, dout):  # pylint: disable=redefined-builtin
@@ -222,7 +223,7 @@ def _vendor_reduction(reduction):
 
 
 def _counted_rows(target, ignore_index):
-    return (target != ignore_index).astype(ms.float32).sum()
+    return counted_rows(target, ignore_index).astype(ms.float32).sum()
 
 
 def vendor_cross_entropy_loss(input, target, reduction, ignore_index, use_builtin):  # pylint: disable=redefined-builtin

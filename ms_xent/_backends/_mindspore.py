@@ -1,0 +1,73 @@
+"""Every MindSpore work-around and private-API use of ms_xent, each once, with its reason.
+
+The backends and the functional layer import these instead of repeating them per call site.
+"""
+
+import mindspore as ms
+from mindspore import ops
+from mindspore.common import _Function
+from mindspore.graph.api import _pynative_executor
+from mindspore.ops._primitive_cache import _get_cache_prim, _is_need_compile
+
+F32 = ms.float32
+
+# PyTorch-style autograd function (forward/backward with a context) for PYNATIVE code that keeps
+# state between forward and backward; MindSpore exports it only from a private module.
+Function = _Function
+
+
+def known(dim):
+    """A dimension known at compile time (dynamic dims are None or negative)."""
+    return dim is not None and dim >= 0
+
+
+def static_size(dim):
+    """The dimension, or -1 when it is only known at run time."""
+    return dim if known(dim) else -1
+
+
+def _placeholder():
+    return 0
+
+
+def executing_eagerly():
+    """True in PyNative execution, False while a graph (GRAPH_MODE, ms.jit) is being compiled.
+
+    MindSpore has no public predicate; ``_is_need_compile`` answers it for a plain function."""
+    return not _is_need_compile(_placeholder)
+
+
+def gradients_recorded():
+    """PYNATIVE: whether autodiff records the current call (``_pynative_executor`` is private)."""
+    return _pynative_executor.requires_grad()
+
+
+def cached_primitive(cls, *args):
+    """One primitive instance per (class, arguments) in PyNative; a fresh one when compiling.
+
+    MindSpore's own ``_get_cache_prim`` (private) does exactly this and is graph-aware."""
+    return _get_cache_prim(cls)(*args)
+
+
+def total(values):
+    """Sum of all entries; exactly 0 for an empty tensor.
+
+    MindSpore 2.9's CPU ReduceSum leaves its output uninitialised for an empty input (it returned
+    1.4e23 here), so a zero is prepended."""
+    return ops.cat((ops.zeros((1,), values.dtype), values.reshape(-1))).sum()
+
+
+def counted_rows(target, ignore_index):
+    """``target != ignore_index`` as bool [N], compared in int64.
+
+    MindSpore converts a Python int to the tensor's dtype before comparing, so an int32 target
+    compared with ignore_index = 2**32 would see 0 (wrapped) and ignore the rows of class 0."""
+    return target.astype(ms.int64) != ignore_index
+
+
+def safe_divide(numerator, denominator):
+    """numerator / denominator; 0 (and a zero gradient) where the denominator is 0 (every row
+    ignored). Selecting twice keeps the gradient of the unused branch finite."""
+    positive = denominator > 0
+    safe = ops.select(positive, denominator, ops.ones_like(denominator))
+    return ops.select(positive, numerator / safe, ops.zeros_like(numerator))

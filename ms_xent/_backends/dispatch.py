@@ -1,0 +1,338 @@
+"""The one dispatch table of ms_xent: which backend serves a call.
+
+Backends (peers with one contract: ``cross_entropy_rows``, ``cross_entropy_loss``,
+``cross_entropy_loss_grad``, ``binary_cross_entropy_with_logits`` and ``RowKernels``, the per-row
+forward / backward that vocabulary-parallel rows and the row-chunked linear + cross-entropy are
+built on; the backward recomputes the softmax from the logits and an opaque per-row shift state):
+
+- ``cpu``: ms_xent's fused C++ kernels (:mod:`ms_xent._backends.cpu`), device CPU only.
+- ``composed``: MindSpore primitives (:mod:`ms_xent._backends.composed`), any device.
+- ``ascend``: the vendor operators (:mod:`ms_xent._backends.ascend`), through MindSpore's built-in
+  primitive (``ascend_builtin``) or ``ops.Custom(func="aclnnXxx")`` (``ascend_aclnn_custom``); the
+  calls they cannot serve fall back to ``composed`` (rows below).
+- (reserved: ``ascend_emulated``, the Ascend kernels' arithmetic run on CPU, would be one more row
+  of :func:`requested_row` and one more branch in each dispatch function below.)
+
+Choosing: ``MS_XENT_BACKEND`` = ``auto`` (default) | ``cpu`` | ``composed`` | ``ascend``, read by
+:func:`requested_backend` only, and overridden in Python by :func:`use_backend` (a context
+manager, also exported as ``ms_xent.use_backend``). The choice is a Python value computed when a
+call is traced (``constexpr``), so it works in PYNATIVE and GRAPH mode alike; a compiled graph
+keeps the backend it was compiled with (build a new Cell or ``ms.jit`` function to switch).
+
+Requested backend -> the row every API starts from:
+
+=========================  ===============  ============================================
+MS_XENT_BACKEND            device           row
+=========================  ===============  ============================================
+composed                   any              composed
+cpu                        CPU              cpu      (another device: ValueError)
+ascend                     Ascend           ascend   (another device: ValueError)
+auto                       CPU              cpu
+auto                       Ascend           ascend
+auto                       GPU, other       composed
+=========================  ===============  ============================================
+
+The vendor variant is a sub-choice of ``ascend``: ``MS_XENT_ASCEND_BACKEND`` = ``builtin``
+(default) | ``aclnn_custom``. (Its former value ``composed`` is now ``MS_XENT_BACKEND=composed``.)
+
+Cross-entropy on the ``ascend`` row (first matching row wins):
+
+=======================================  ======================  ===================================
+condition                                backend                 reason
+=======================================  ======================  ===================================
+probability targets [N, C]               composed                vendor: class indices only
+class weights given                      composed                vendor documents weights in (0, 1];
+                                                                 ms_xent allows any w >= 0
+label_smoothing > 0                      composed                vendor gradient: 0.0 only
+z-loss (scale > 0, return_zloss, or a    composed                vendor: z-loss not enabled
+z-loss gradient)
+N == 0, or N >= 200000 when N is static  composed                vendor: N in (0, 200000)
+built-in primitive present (and no       ascend_builtin          MindSpore's maintained path
+MS_XENT_ASCEND_BACKEND=aclnn_custom)
+otherwise                                ascend_aclnn_custom     vendor op by name
+=======================================  ======================  ===================================
+
+Not in the table because every backend serves them: reduction ("mean" is computed as the vendor's
+"sum" divided by the number of counted rows; the seed documents refuse non-default arguments for
+"mean" with gradients, and an all-ignored "mean" is 0, not 0/0), ignore_index, the input dtype
+(float32 / float16 / bfloat16), int32 targets (cast to int64, exact). A dynamic N (unknown at
+compile time) goes to the vendor op; an N beyond its limit then fails there with the vendor's
+error, never silently.
+
+Per-row values (:func:`ms_xent.ops.cross_entropy_rows`, the Cells, vocabulary-parallel rows): the
+``ascend`` row runs ``composed``: the vendor operator returns no differentiable per-row lse.
+
+BCE with logits on the ``ascend`` row:
+
+=======================================  ======================  ===================================
+condition                                backend                 reason
+=======================================  ======================  ===================================
+zero-size input                          composed                vendor behaviour at 0 undocumented
+MS_XENT_ASCEND_BACKEND=aclnn_custom,     ascend_aclnn_custom     vendor op by name (its bprop is
+or no built-in primitive                                         ms_xent's closed form)
+pos_weight given                         composed                see below
+otherwise                                ascend_builtin          MindSpore's BCEWithLogitsLoss
+=======================================  ======================  ===================================
+
+Weights, pos_weight (broadcast to the target) and the three reductions are served by the vendor
+operator; target, weight and pos_weight are passed in the dtype of the input. MindSpore 2.9's
+bprop of BCEWithLogitsLoss computes the target gradient unstably whenever a pos_weight tensor is
+passed (measured on CPU in float32: inf at x = -100 and x >= 30, -15.94 instead of -16 at x = 16;
+the gradient graph is built before kernels are chosen, so the expression is the same on Ascend).
+Calls with pos_weight therefore take the composed route, whose gradients are exact, and the
+built-in is never handed ms_xent's all-ones stand-in for an absent pos_weight.
+
+Fused linear + cross-entropy (:func:`ms_xent.ops.linear_cross_entropy`):
+
+=======================================  ======================  ===================================
+condition                                backend                 reason
+=======================================  ======================  ===================================
+row cpu, the MindSpore wheel ships       cpu_kernel              one C++ kernel over oneDNN's
+oneDNN (lib/libdnnl.so.3)                                        products, vocabulary blocks
+otherwise                                matmul_chunks           row chunks of MindSpore MatMul +
+                                                                 the per-row cross-entropy of the
+                                                                 row's rows backend (cpu kernels,
+                                                                 or composed on every other row)
+=======================================  ======================  ===================================
+
+(The former ``MS_XENT_LINEAR_CE_BACKEND=matmul_chunks`` is ``MS_XENT_BACKEND=composed``.)
+"""
+
+import contextlib
+import functools
+import os
+
+import mindspore as ms
+from mindspore.ops import constexpr
+
+from ms_xent._backends import composed
+from ms_xent._backends._mindspore import static_size
+from ms_xent._backends.ascend import backend as ascend
+from ms_xent._backends.ascend.vendor_op import builtin_available
+from ms_xent._backends.cpu import backend as cpu
+
+AUTO = "auto"
+CPU_KERNEL = "cpu"
+COMPOSED = "composed"
+ASCEND = "ascend"
+REQUESTS = (AUTO, CPU_KERNEL, COMPOSED, ASCEND)
+BACKEND_VARIABLE = "MS_XENT_BACKEND"
+ASCEND_BUILTIN = "ascend_builtin"
+ASCEND_ACLNN_CUSTOM = "ascend_aclnn_custom"
+BACKENDS = (CPU_KERNEL, ASCEND_BUILTIN, ASCEND_ACLNN_CUSTOM, COMPOSED)
+MATMUL_CHUNKS = "matmul_chunks"
+# The device each forced backend needs.
+REQUIRED_DEVICE = {CPU_KERNEL: "CPU", ASCEND: "Ascend"}
+
+# Vendor limit on N (rows of the logits): forward (0, 200000], gradient N < 200000.
+VENDOR_MAX_ROWS = 199999
+VARIANT_VARIABLE = "MS_XENT_ASCEND_BACKEND"
+VARIANTS = {"builtin": ASCEND_BUILTIN, "aclnn_custom": ASCEND_ACLNN_CUSTOM}
+
+_overrides = []
+
+
+@functools.lru_cache(maxsize=None)
+def device_target():
+    """The device MindSpore runs on ("CPU", "Ascend", "GPU"), read once.
+
+    ``get_context("device_target")`` reflects both ``mindspore.set_device`` (MindSpore 2.9's API,
+    which sets the same context parameter) and the older ``set_context(device_target=...)``, which
+    ``mindspore.get_current_device()`` does not see. MindSpore fixes the device when it first runs
+    an op, so caching is safe; set the device before the first loss call.
+    """
+    return ms.get_context("device_target")
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_request(value, source):
+    value = str(value).strip().lower()
+    if value not in REQUESTS:
+        raise ValueError(f"{source} must be one of {list(REQUESTS)}, got {value!r}")
+    return value
+
+
+def requested_backend():
+    """The innermost :func:`use_backend`, else ``MS_XENT_BACKEND`` (default "auto")."""
+    if _overrides:
+        return _overrides[-1]
+    return _checked_request(os.environ.get(BACKEND_VARIABLE) or AUTO, BACKEND_VARIABLE)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Runs the calls traced inside the block on backend ``name`` ("auto", "cpu", "composed",
+    "ascend"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs compiled inside the
+    block use it; a graph compiled before keeps its backend."""
+    _overrides.append(_checked_request(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _overrides.pop()
+
+
+def ascend_variant():
+    """The vendor variant named by ``MS_XENT_ASCEND_BACKEND`` (default: the built-in primitive)."""
+    value = os.environ.get(VARIANT_VARIABLE, "builtin").strip().lower()
+    if value == COMPOSED:
+        raise ValueError(f"{VARIANT_VARIABLE}=composed is now {BACKEND_VARIABLE}=composed")
+    if value not in VARIANTS:
+        raise ValueError(f"{VARIANT_VARIABLE} must be one of {sorted(VARIANTS)}, got {value!r}")
+    return VARIANTS[value]
+
+
+def requested_row(device_target_name, requested=AUTO):
+    """The row of the table every API starts from (see the module table)."""
+    if requested == COMPOSED:
+        return COMPOSED
+    if requested in REQUIRED_DEVICE:
+        if device_target_name != REQUIRED_DEVICE[requested]:
+            raise ValueError(f"{BACKEND_VARIABLE}={requested} needs device "
+                             f"{REQUIRED_DEVICE[requested]}, the device is {device_target_name!r}")
+        return requested
+    if device_target_name == "CPU":
+        return CPU_KERNEL
+    return ASCEND if device_target_name == "Ascend" else COMPOSED
+
+
+def _vendor_backend(builtin, variant):
+    if variant == ASCEND_ACLNN_CUSTOM or not builtin:
+        return ASCEND_ACLNN_CUSTOM
+    return ASCEND_BUILTIN
+
+
+def choose_cross_entropy_backend(device_target_name, *, requested=AUTO, soft_target=False,
+                                 weighted=False, label_smoothing=0.0, zloss=False, n_rows=-1,
+                                 builtin_available=True, variant=ASCEND_BUILTIN):  # pylint: disable=redefined-outer-name
+    """The backend for a cross-entropy call (forward or gradient); see the module table.
+
+    ``n_rows`` < 0 means unknown at compile time (dynamic shape).
+    """
+    row = requested_row(device_target_name, requested)
+    if row != ASCEND:
+        return row
+    if soft_target or weighted or label_smoothing > 0 or zloss:
+        return COMPOSED
+    if n_rows == 0 or n_rows > VENDOR_MAX_ROWS:
+        return COMPOSED
+    return _vendor_backend(builtin_available, variant)
+
+
+@functools.lru_cache(maxsize=None)
+def choose_rows_backend(device_target_name, *, requested=AUTO):
+    """The backend of the per-row values (rows, Cells, vocabulary-parallel, linear chunks)."""
+    row = requested_row(device_target_name, requested)
+    return CPU_KERNEL if row == CPU_KERNEL else COMPOSED
+
+
+def choose_bce_backend(device_target_name, *, requested=AUTO, n_elements=-1, pos_weighted=False,
+                       builtin_available=True, variant=ASCEND_BUILTIN):  # pylint: disable=redefined-outer-name
+    """The backend for a BCE-with-logits call; ``n_elements`` < 0 means unknown (dynamic)."""
+    row = requested_row(device_target_name, requested)
+    if row != ASCEND:
+        return row
+    if n_elements == 0:
+        return COMPOSED
+    vendor = _vendor_backend(builtin_available, variant)
+    if vendor == ASCEND_BUILTIN and pos_weighted:
+        return COMPOSED
+    return vendor
+
+
+def choose_linear_cross_entropy_backend(device_target_name, *, requested=AUTO,
+                                        onednn_available=True):
+    """(backend, rows backend) of the fused linear + cross-entropy."""
+    rows = choose_rows_backend(device_target_name, requested=requested)
+    if rows == CPU_KERNEL and onednn_available:
+        return CPU_KERNEL, rows
+    return MATMUL_CHUNKS, rows
+
+
+@constexpr
+def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss):
+    return choose_cross_entropy_backend(
+        device_target(), requested=requested_backend(), soft_target=soft, weighted=weighted,
+        label_smoothing=label_smoothing, zloss=zloss, n_rows=static_size(input_shape[0]),
+        builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant())
+
+
+@constexpr
+def rows_backend():
+    """:func:`choose_rows_backend` for this call (a constant in GRAPH mode). The hot path of every
+    Cell call: :func:`requested_backend` inlined, the cached functions entered only once."""
+    requested = _overrides[-1] if _overrides else _checked_request(
+        os.environ.get(BACKEND_VARIABLE) or AUTO, BACKEND_VARIABLE)
+    return choose_rows_backend(device_target(), requested=requested)
+
+
+@constexpr
+def _bce_backend(input_shape, pos_weighted):
+    sizes = [static_size(dim) for dim in input_shape]
+    n_elements = -1 if -1 in sizes else int(functools.reduce(lambda a, b: a * b, sizes, 1))
+    return choose_bce_backend(device_target(), requested=requested_backend(),
+                              n_elements=n_elements, pos_weighted=pos_weighted,
+                              builtin_available=builtin_available("BCEWithLogitsLoss"),
+                              variant=ascend_variant())
+
+
+def linear_cross_entropy_backend(onednn_available):
+    """:func:`choose_linear_cross_entropy_backend` for this call."""
+    return choose_linear_cross_entropy_backend(device_target(), requested=requested_backend(),
+                                               onednn_available=onednn_available)
+
+
+def row_kernels(backend_name, ignore_index, label_smoothing, weighted, soft):
+    """A new ``RowKernels`` Cell of the rows backend ``backend_name`` (callers cache it)."""
+    if backend_name == CPU_KERNEL:
+        return cpu.RowKernels(ignore_index, label_smoothing, weighted, soft)
+    return composed.RowKernels(ignore_index, label_smoothing, weighted, soft)
+
+
+def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft):
+    """:func:`ms_xent.ops.cross_entropy_rows` (arguments validated, weight None or float32 [C])."""
+    if rows_backend() == CPU_KERNEL:
+        return cpu.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
+    return composed.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
+
+
+def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
+                       lse_square_scale_for_zloss, return_zloss, soft):
+    """:func:`ms_xent.ops.cross_entropy_loss` (arguments validated, weight None or float32 [C])."""
+    choice = _cross_entropy_backend(input.shape, soft, weight is not None, label_smoothing,
+                                    lse_square_scale_for_zloss > 0 or return_zloss)
+    arguments = (input, target, weight, reduction, ignore_index, label_smoothing,
+                 lse_square_scale_for_zloss, return_zloss, soft)
+    if choice == CPU_KERNEL:
+        return cpu.cross_entropy_loss(*arguments)
+    if choice == COMPOSED:
+        return composed.cross_entropy_loss(*arguments)
+    return ascend.cross_entropy_loss(*arguments, use_builtin=choice == ASCEND_BUILTIN)
+
+
+def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse_for_zloss,
+                            reduction, ignore_index, label_smoothing, lse_square_scale_for_zloss,
+                            soft):
+    """:func:`ms_xent.ops.cross_entropy_loss_grad` (arguments validated)."""
+    zloss = grad_zloss is not None and lse_for_zloss is not None and lse_square_scale_for_zloss > 0
+    choice = _cross_entropy_backend(log_prob.shape, soft, weight is not None, label_smoothing,
+                                    zloss)
+    arguments = (grad_loss, log_prob, target, weight, grad_zloss, lse_for_zloss, reduction,
+                 ignore_index, label_smoothing, lse_square_scale_for_zloss, soft)
+    if choice == CPU_KERNEL:
+        return cpu.cross_entropy_loss_grad(*arguments)
+    if choice == COMPOSED:
+        return composed.cross_entropy_loss_grad(*arguments)
+    return ascend.cross_entropy_loss_grad(*arguments, use_builtin=choice == ASCEND_BUILTIN)
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):  # pylint: disable=redefined-builtin
+    """BCE with logits (arguments validated; ``reduction`` a name; ``weight`` / ``pos_weight``
+    float32 tensors or None)."""
+    choice = _bce_backend(input.shape, pos_weight is not None)
+    if choice == CPU_KERNEL:
+        return cpu.binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction)
+    if choice == COMPOSED:
+        return composed.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                         reduction)
+    return ascend.binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
+                                                   use_builtin=choice == ASCEND_BUILTIN)

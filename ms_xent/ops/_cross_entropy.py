@@ -1,0 +1,84 @@
+"""Functional API of the fused cross-entropy (SPEC sections 1-3).
+
+:func:`cross_entropy_loss` and :func:`cross_entropy_loss_grad` follow the vendor op
+``npu_cross_entropy_loss`` / ``aclnnCrossEntropyLossGrad`` signatures, with every option usable
+under autodiff. :func:`cross_entropy_rows` is the memory-lean building block the Cells use: per-row
+float32 loss and lse only, no [N, C] output.
+"""
+
+from ms_xent._backends import dispatch
+from ms_xent.ops.validation import (check_option_values, class_weight,
+                                    validate_logits_and_target)
+
+
+def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                       api="cross_entropy_rows"):
+    """Per-row cross-entropy without any [N, C] output; the training building block.
+
+    Args:
+        logits: [N, C] float16/bfloat16/float32.
+        target: [N] int32/int64 class indices, or [N, C] float class probabilities.
+        weight, ignore_index, label_smoothing: as in :func:`cross_entropy_loss`.
+
+    Returns:
+        (loss_rows, lse, row_weight), float32 [N] each: l_n, log-sum-exp of the row, and the
+        row's share of the mean denominator (w[y_n] or 0 if ignored; 1 for probability targets).
+        Differentiable w.r.t. ``logits`` through ``loss_rows`` and ``lse``; the backward recomputes
+        the softmax from ``logits``.
+    """
+    check_option_values(api, "mean", label_smoothing, 0.0)
+    soft = validate_logits_and_target(api, logits, target, ignore_index)
+    weight = class_weight(api, weight, logits.shape[1])
+    return dispatch.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
+
+
+def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_index=-100,  # pylint: disable=redefined-builtin
+                       label_smoothing=0.0, lse_square_scale_for_zloss=0.0, return_zloss=False):
+    """Fused log_softmax + nll_loss, with class weights, ignore_index, label smoothing and z-loss.
+
+    Args:
+        input: [N, C] logits, float16 / bfloat16 / float32 (accumulated in float32).
+        target: [N] int32/int64 class indices in [0, C) or equal to ``ignore_index``; or [N, C]
+            float class probabilities (then ``ignore_index`` does not apply and "mean" divides by N).
+        weight: optional [C] non-negative class weights.
+        reduction: "mean" (sum of l_n over sum of w[y_n] of non-ignored rows), "sum" or "none".
+        ignore_index: rows with this target contribute no loss and get zero gradient.
+        label_smoothing: eps in [0, 1); the target mixes with the uniform distribution.
+        lse_square_scale_for_zloss: s in [0, 1); z_n = s * lse_n^2 on non-ignored rows.
+        return_zloss: return the z-loss (reduced like the loss; "mean" divides by the number of
+            non-ignored rows). The z-loss is a separate output and is not added to ``loss``.
+
+    Returns:
+        (loss, log_prob, zloss, lse_for_zloss):
+        ``loss`` in the dtype of ``input``, 0-d for "mean"/"sum", [N] for "none". With "mean" and
+        every row ignored the result is 0 (not NaN) and the gradient is 0.
+        ``log_prob`` [N, C] in the dtype of ``input`` (not differentiable).
+        ``zloss`` like ``loss``, or a zero-size tensor when ``return_zloss`` is False.
+        ``lse_for_zloss`` [N] float32, or zero-size when ``lse_square_scale_for_zloss`` is 0.
+        ``loss`` and ``zloss`` are differentiable w.r.t. ``input``.
+    """
+    api = "cross_entropy_loss"
+    check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
+    soft = validate_logits_and_target(api, input, target, ignore_index)
+    weight = class_weight(api, weight, input.shape[1])
+    return dispatch.cross_entropy_loss(input, target, weight, reduction, ignore_index,
+                                       label_smoothing, lse_square_scale_for_zloss, return_zloss,
+                                       soft)
+
+
+def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss=None,
+                            lse_for_zloss=None, reduction="mean", ignore_index=-100,
+                            label_smoothing=0.0, lse_square_scale_for_zloss=0.0):
+    """Gradient of :func:`cross_entropy_loss` w.r.t. ``input``, from its ``log_prob`` output.
+
+    ``grad_loss`` is 0-d for "mean"/"sum" and [N] for "none"; ``grad_zloss`` likewise (optional).
+    The z-loss term needs ``lse_for_zloss`` from the forward. Returns grad_input [N, C] in the
+    dtype of ``log_prob``; rows whose target is ``ignore_index`` get exact zeros.
+    """
+    api = "cross_entropy_loss_grad"
+    check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
+    soft = validate_logits_and_target(api, log_prob, target, ignore_index, "log_prob")
+    weight = class_weight(api, weight, log_prob.shape[1])
+    return dispatch.cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss,
+                                            lse_for_zloss, reduction, ignore_index,
+                                            label_smoothing, lse_square_scale_for_zloss, soft)
