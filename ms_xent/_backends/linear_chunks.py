@@ -53,9 +53,10 @@ from mindspore import nn, ops
 from mindspore.ops import constexpr
 
 from ms_xent._backends import dispatch
-from ms_xent._backends._mindspore import (Function, executing_eagerly, gradients_recorded,
-                                          total)
+from ms_xent._backends._mindspore import (FirstOrderOnly, Function, check_first_order,
+                                          executing_eagerly, gradients_recorded, total)
 
+API = "linear_cross_entropy"
 FLOAT32_BYTES = 4
 _CELLS = {}
 
@@ -287,8 +288,8 @@ def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_
 
 def no_input_grads(target, class_weight, row_coef, z_coef):
     """The zero gradients a bprop returns for the non-differentiated inputs."""
-    return (ops.zeros_like(target), ops.zeros_like(class_weight), ops.zeros_like(row_coef),
-            ops.zeros_like(z_coef))
+    return tuple(ops.zeros(tensor.shape, tensor.dtype)
+                 for tensor in (target, class_weight, row_coef, z_coef))
 
 
 class LinearCrossEntropySum(ChunkMath):
@@ -298,6 +299,7 @@ class LinearCrossEntropySum(ChunkMath):
     def __init__(self, static, chunk_rows):
         super().__init__(*static)
         self.chunk_rows = chunk_rows
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return _graph_loss_and_grads(self, self.chunk_rows, hidden, weight, bias, target,
@@ -307,7 +309,7 @@ class LinearCrossEntropySum(ChunkMath):
         scale = dout[0]
         grads = (scaled_gradient(out[1], scale, hidden.dtype), scaled_gradient(out[2], scale, weight.dtype),
                  scaled_gradient(out[3], scale, bias.dtype))
-        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
+        return self.first_order_only(*grads) + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
 class LinearCrossEntropyRows(ChunkMath):
@@ -316,6 +318,7 @@ class LinearCrossEntropyRows(ChunkMath):
     def __init__(self, static, chunk_rows):
         super().__init__(*static)
         self.chunk_rows = chunk_rows
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         hidden_f32 = _float32(hidden)
@@ -357,9 +360,10 @@ class LinearCrossEntropyRows(ChunkMath):
             grad_bias = self.add_bias_grad(grad_bias, grad_z)
             grad_weight = ops.assign_add(grad_weight,
                                          self.weight_matmul(grad_z, hidden_scaled))
-        return (grad_hidden.astype(hidden.dtype), grad_weight.astype(weight.dtype),
-                grad_bias.astype(bias.dtype)) + no_input_grads(target, class_weight, row_coef,
-                                                                z_coef)
+        return self.first_order_only(grad_hidden.astype(hidden.dtype),
+                                     grad_weight.astype(weight.dtype),
+                                     grad_bias.astype(bias.dtype)) + no_input_grads(
+                                         target, class_weight, row_coef, z_coef)
 
 
 class _EagerSum(Function):
@@ -377,6 +381,7 @@ class _EagerSum(Function):
 
     @staticmethod
     def backward(ctx, dout):
+        check_first_order(API)
         grads, ctx.grads = ctx.grads, None
         scaled = tuple(scaled_gradient(grad, dout, dtype) for grad, dtype in zip(grads, ctx.dtypes))
         return (None, None, None) + scaled + (None, None, None, None)
@@ -397,6 +402,7 @@ class _EagerRows(Function):
 
     @staticmethod
     def backward(ctx, dout):
+        check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef, lse), ctx.inputs = \
             ctx.inputs, None
         row_grad = dout * row_coef

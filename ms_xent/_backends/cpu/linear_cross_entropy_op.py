@@ -30,12 +30,14 @@ import os
 import mindspore as ms
 from mindspore import nn
 
-from ms_xent._backends._mindspore import (Function, cached_primitive, executing_eagerly,
+from ms_xent._backends._mindspore import (FirstOrderOnly, Function, cached_primitive,
+                                          check_first_order, executing_eagerly,
                                           gradients_recorded, total)
 from ms_xent._backends.cpu.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive,
                                                  KernelSpec, dtype_rows)
 from ms_xent._backends.linear_chunks import no_input_grads, scaled_gradient
 
+API = "linear_cross_entropy"
 ONEDNN_LIBRARY = "libdnnl.so.3"
 _INPUTS = ("hidden", "weight", "bias", "target", "class_weight", "row_coef", "z_coef")
 _F32 = ("float32",)
@@ -89,6 +91,7 @@ class _GraphSum(nn.Cell):
     def __init__(self, static, vocab_block):
         super().__init__()
         self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return self.sum_grad(hidden, weight, bias, target, class_weight, row_coef, z_coef)
@@ -99,7 +102,7 @@ class _GraphSum(nn.Cell):
             grads = (out[2], out[3], out[4])
         else:
             grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[2:])
-        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
+        return self.first_order_only(*grads) + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
 class _GraphRows(nn.Cell):
@@ -109,6 +112,7 @@ class _GraphRows(nn.Cell):
         super().__init__()
         self.rows = LinearRows(static, vocab_block)
         self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)[0]
@@ -116,8 +120,8 @@ class _GraphRows(nn.Cell):
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         _, _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
             hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
-        return (grad_hidden, grad_weight, grad_bias) + no_input_grads(target, class_weight,
-                                                                      row_coef, z_coef)
+        return self.first_order_only(grad_hidden, grad_weight, grad_bias) + no_input_grads(
+            target, class_weight, row_coef, z_coef)
 
 
 class _EagerSum(Function):
@@ -134,6 +138,7 @@ class _EagerSum(Function):
 
     @staticmethod
     def backward(ctx, dout):
+        check_first_order(API)
         grads, ctx.grads = ctx.grads, None
         return (None, None, None) + tuple(scaled_gradient(grad, dout, grad.dtype) for grad in grads) + (None,) * 4
 
@@ -150,6 +155,7 @@ class _EagerRows(Function):
 
     @staticmethod
     def backward(ctx, dout):
+        check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
             ctx.inputs, None
         _, _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
