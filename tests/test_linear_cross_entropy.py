@@ -382,18 +382,18 @@ def test_automatic_layout_follows_the_budget():
 
 
 def test_cpu_kernel_row_block_follows_the_budget():
-    """The block's buffers fit ROW_BLOCK_FRACTION (1/64) of the float32 logits within
+    """The block's buffers fit ROW_BLOCK_FRACTION (1/32) of the float32 logits within
     [1 MiB, 256 MiB], at least 16 rows; chunk_size is the rows per block."""
     assert (ROW_BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_ROW_BLOCK) == (
-        1 / 64, 1 << 20, 256 << 20, 16)
-    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 8192 // 64
+        1 / 32, 1 << 20, 256 << 20, 16)
+    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 8192 // 32
     # bfloat16: + the bfloat16 copy of the logits gradient and a float32 [rows, H] d hidden block
     assert row_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
-        8192 * 32000 * 4 // 64 // (32000 * 6 + 1024 * 4)
+        8192 * 32000 * 4 // 32 // (32000 * 6 + 1024 * 4)
     assert row_block_layout("api", 1 << 20, 1024, 256000, ms.float32, None) == \
         MAX_BLOCK_WORKSPACE // (256000 * 4)
     assert row_block_layout("api", 10, 8, 37, ms.float32, None) == 10
-    assert row_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == (1 << 20) // 64
+    assert row_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == (1 << 20) // 32
     assert row_block_layout("api", 4096, 8, 100, ms.float32, None) == MIN_BLOCK_WORKSPACE // 400
     assert row_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK
     assert row_block_layout("api", N, H, V, ms.float32, 100) == N

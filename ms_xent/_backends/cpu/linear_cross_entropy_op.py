@@ -115,11 +115,11 @@ class _GraphRows(nn.Cell):
         self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
-        return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)[0]
+        return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         _, _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
-            hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
+            hidden, weight, bias, target, class_weight, dout[0] * row_coef, dout[0] * z_coef)
         return self.first_order_only(grad_hidden, grad_weight, grad_bias) + no_input_grads(
             target, class_weight, row_coef, z_coef)
 
@@ -131,13 +131,14 @@ class _EagerSum(Function):
     @staticmethod
     def forward(ctx, static, vocab_block, with_grads, *inputs):
         if not with_grads:
-            return total(cached_primitive(LinearRows, static, vocab_block)(*inputs)[0])
-        loss_total, _, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+            values, lse = cached_primitive(LinearRows, static, vocab_block)(*inputs)
+            return total(values), lse
+        loss_total, lse, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
         ctx.grads = grads
-        return loss_total.reshape(())
+        return loss_total.reshape(()), lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
         check_first_order(API)
         grads, ctx.grads = ctx.grads, None
         return (None, None, None) + tuple(scaled_gradient(grad, dout, grad.dtype) for grad in grads) + (None,) * 4
@@ -151,10 +152,10 @@ class _EagerRows(Function):
         ctx.static = static
         ctx.vocab_block = vocab_block
         ctx.inputs = inputs
-        return cached_primitive(LinearRows, static, vocab_block)(*inputs)[0]
+        return cached_primitive(LinearRows, static, vocab_block)(*inputs)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
         check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
             ctx.inputs, None
@@ -165,8 +166,8 @@ class _EagerRows(Function):
 
 def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, class_weight,
                              row_coef, z_coef):
-    """float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
-    weight and bias.
+    """(float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
+    weight and bias; float32 [N] lse, not differentiated).
 
     ``static`` = (ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale);
     ``vocab_block``: vocabulary rows per block. Tensor inputs: hidden [N, H], weight [V, H],
@@ -176,13 +177,14 @@ def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, 
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerSum.apply(static, vocab_block, gradients_recorded(), *inputs)
-    return _GraphSum(static, vocab_block)(*inputs)[0].reshape(())
+    outputs = _GraphSum(static, vocab_block)(*inputs)
+    return outputs[0].reshape(()), outputs[1]
 
 
 def linear_cross_entropy_rows(static, vocab_block, hidden, weight, bias, target, class_weight,
                               row_coef, z_coef):
-    """float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``; arguments as
-    :func:`linear_cross_entropy_sum`."""
+    """(float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``, float32 [N] lse not differentiated);
+    arguments as :func:`linear_cross_entropy_sum`."""
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerRows.apply(static, vocab_block, *inputs)
