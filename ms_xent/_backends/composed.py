@@ -33,7 +33,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, total
+from ms_xent._backends._mindspore import counted_rows, log1p, total
 from ms_xent._backends._reductions import reduce_rows, upstream_per_row
 
 F32 = ms.float32
@@ -138,10 +138,13 @@ class RowKernels(nn.Cell):
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        row_max = ops.amax(x, 1, True)
+        # log_sum = log sum_c exp(x - m) = -max_c log_softmax(x): MindSpore's fused LogSoftmax
+        # kernel instead of broadcasting x - m over [N, C] (slow on CPU).
+        row_max = ops.amax(x, 1)
         row_max = ops.select(ops.isfinite(row_max), row_max, self.zeros_like(row_max))
-        log_sum = ops.log(ops.exp(x - row_max).sum(axis=1))
-        row_max = row_max.reshape(-1)
+        log_sum = -ops.amax(ops.log_softmax(x, 1), 1)
+        # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly, as in the kernels.
+        log_sum = ops.select(ops.isnan(x).any(axis=1), log_sum * float("nan"), log_sum)
         lse = row_max + log_sum
         if self.soft:
             probabilities = _smoothed_probabilities(target, self.label_smoothing, n_classes)
@@ -167,9 +170,13 @@ class RowKernels(nn.Cell):
 
     def backward(self, logits, target, weight, shift, row_grad, row_grad_lse):
         x = logits.astype(F32)
+        p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
+        return self._gradient(x, p, logits, target, weight, row_grad, row_grad_lse)
+
+    def _gradient(self, x, p, logits, target, weight, row_grad, row_grad_lse):
+        """The gradient from the softmax p (see the class docstring)."""
         n_classes = x.shape[1]
         smooth = self.label_smoothing / n_classes
-        p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
         if self.soft:
             # t' inline, not _smoothed_probabilities as in the forward: a module-level helper
             # called by both the forward and the bprop of a Cell breaks MindSpore 2.9's GRAPH
@@ -215,7 +222,9 @@ class RowsCell(RowKernels):
         return loss_rows, lse, row_weight, shift[0], shift[1]
 
     def bprop(self, logits, target, weight, out, dout):
-        grad = self.backward(logits, target, weight, (out[3], out[4]), dout[0], dout[1])
+        # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
+        x = logits.astype(F32)
+        grad = self._gradient(x, ops.softmax(x, 1), logits, target, weight, dout[0], dout[1])
         return grad, self.zeros_like(target), self.zeros_like(weight)
 
 
@@ -233,8 +242,8 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     float32 [N] values for the backward (:class:`RowsCell`)."""
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
-    outputs = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))(
-        logits, target, weight)
+    rows = _rows_cell(ignore_index, float(label_smoothing), weighted, soft)
+    outputs = rows(logits, target, weight)
     return outputs[0], outputs[1], outputs[2]
 
 
@@ -330,13 +339,12 @@ class BceCell(nn.Cell):
         self.relu = ops.ReLU()
         self.abs = ops.Abs()
         self.exp = ops.Exp()
-        self.log1p = ops.Log1p()
         self.select = ops.Select()
 
     def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
         logits = input.astype(F32)
         target32 = target.astype(F32)
-        tail = self.log1p(self.exp(-self.abs(logits)))
+        tail = log1p(self.exp(-self.abs(logits)))
         softplus_neg = self.relu(-logits) + tail
         softplus_pos = self.relu(logits) + tail
         elements = weight * (pos_weight * target32 * softplus_neg
