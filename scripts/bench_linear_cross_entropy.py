@@ -38,7 +38,7 @@ current directory: results (``results.md``, ``results.json``, ``logs/``) go to `
 
 Example::
 
-    python scripts/bench_linear_cross_entropy.py                       # the issue's 4 cases
+    python scripts/bench_linear_cross_entropy.py                       # the 4 reference cases
     python scripts/bench_linear_cross_entropy.py --shapes 1024x256x8000 --repeats 3
 """
 
