@@ -130,7 +130,7 @@ class CrossEntropyLoss(nn.Cell):
             accumulation and pipeline stages can sum before dividing. Needs reduction "mean".
         seq_split_num: int >= 1, default 1; sequence pipeline split number; > 1 also returns
             ``(numerator, denominator)``, as MindFormers does.
-        weight: optional finite class weights [C] (Tensor, numpy array or list),
+        weight: optional finite non-negative class weights [C] (Tensor, numpy array or list),
             stored as float32; default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0; the label mixes with the uniform

@@ -48,7 +48,8 @@ class LinearCrossEntropyLoss(nn.Cell):
             "mean".
         seq_split_num: int >= 1, default 1; > 1 also returns ``(numerator, denominator)``, as
             MindFormers does.
-        weight: optional finite class weights [V] (Tensor, numpy array or list); default None
+        weight: optional finite non-negative class weights [V] (Tensor, numpy array or list);
+            default None
             (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0.
