@@ -49,8 +49,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         seq_split_num: int >= 1, default 1; > 1 also returns ``(numerator, denominator)``, as
             MindFormers does.
         weight: optional finite non-negative class weights [V] (Tensor, numpy array or list);
-            default None
-            (all 1).
+            default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0.
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
