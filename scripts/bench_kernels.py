@@ -33,10 +33,13 @@ DEFAULT_SHAPES = ("4096x8080", "8192x32000", "2048x128256", "4096x151936")
 
 
 def kernel_library():
-    """Path of the library built from this checkout (ms_xent/_backends/cpu/build.py, loaded by path:
-    importing the ms_xent package would import MindSpore)."""
+    """Path of the kernel library of the ms_xent that Python finds (an installed one, else this
+    checkout's): its ms_xent/_backends/cpu/build.py loaded by path, since importing the ms_xent
+    package would import MindSpore."""
+    package = importlib.util.find_spec("ms_xent")
+    package_dir = Path(package.submodule_search_locations[0]) if package else REPO / "ms_xent"
     spec = importlib.util.spec_from_file_location("ms_xent_kernel_build",
-                                                  REPO / "ms_xent" / "_backends" / "cpu" / "build.py")
+                                                  package_dir / "_backends" / "cpu" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.kernel_library()

@@ -20,6 +20,7 @@ import mindspore as ms
 from mindspore import nn
 from mindspore.context import ParallelMode
 
+from ms_xent._backends import dispatch
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
 from tests.distributed import vocab_parallel_worker as worker
@@ -33,6 +34,10 @@ pytestmark = pytest.mark.usefixtures("backend")
 WORKER = Path(worker.__file__)
 # Distributed vs single-process ms_xent (same kernels, same float32 inputs).
 PARITY_RTOL = {"float32": 1e-6, "bfloat16": TOLERANCE[ms.bfloat16][0]}
+# The composed backend's single-device bprop takes the softmax from MindSpore's fused Softmax
+# kernel, its vocabulary-parallel backward from exp((x - m) - log_sum) with the combined shift:
+# two float32 evaluations of the same softmax, a few ulp apart (up to 4.6e-6 seen).
+COMPOSED_PARITY_RTOL = {"float32": 1e-5, "bfloat16": TOLERANCE[ms.bfloat16][0]}
 
 
 def relative_error(actual, expected):
@@ -89,7 +94,8 @@ def check_against_references(result, case, what):
     """``result`` (loss, per-row values, full gradient) vs the single-process run and the oracle."""
     single, exact = single_process(case), oracle(case)
     dtype = worker.DTYPES[case.dtype]
-    rtol = PARITY_RTOL[case.dtype]
+    composed = dispatch.requested_backend() == dispatch.COMPOSED
+    rtol = (COMPOSED_PARITY_RTOL if composed else PARITY_RTOL)[case.dtype]
     per_row = ("loss_rows", "lse", "row_weight") if case.api == "rows" else ()
     for name in ("loss", "grad") + per_row:
         error = relative_error(result[name], single[name])

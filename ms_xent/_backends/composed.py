@@ -20,8 +20,8 @@ Everything is computed in float32 and cast back to the input dtype at the end.
 
 Numerics (as the CPU kernels):
 - lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
-  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = log1p((count - 1) + rest)
-  (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
+  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = -log1p(-rest), rest = 1 - p_max
+  summed without the max's own term (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
   non-negative terms: no digits lost at huge offsets, full relative precision on confident rows.
 - The softmax of the backward is exp((x - m_n) - log_sum_n), and the target's entry p[y] - 1 is
   expm1(log p[y]), never p[y] - 1.
@@ -343,13 +343,12 @@ class BceCell(nn.Cell):
         self.relu = ops.ReLU()
         self.abs = ops.Abs()
         self.exp = ops.Exp()
-        self.log1p = ops.Log1p()
         self.select = ops.Select()
 
     def construct(self, input, target, weight, pos_weight):  # pylint: disable=redefined-builtin
         logits = input.astype(F32)
         target32 = target.astype(F32)
-        tail = self.log1p(self.exp(-self.abs(logits)))
+        tail = log1p(self.exp(-self.abs(logits)))
         softplus_neg = self.relu(-logits) + tail
         softplus_pos = self.relu(logits) + tail
         elements = weight * (pos_weight * target32 * softplus_neg
