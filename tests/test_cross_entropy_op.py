@@ -320,7 +320,10 @@ BAD_INPUTS = [
     ("target_too_large", dict(t=np.array([0, 1, 3, 0, 0])), ValueError, r"value 3 at position 2 is outside \[0, 3\)"),
     ("target_negative", dict(t=np.array([0, -5, 0, 0, 0])), ValueError, "value -5 at position 1"),
     ("weight_length", dict(w=np.ones(4, np.float32)), ValueError, r"`weight` must have shape \(3,\)"),
-    ("weight_negative", dict(w=np.array([1, -1, 1], np.float32)), ValueError, "`weight` must be non-negative"),
+    ("weight_inf", dict(w=np.array([1, np.inf, 1], np.float32)), ValueError, "`weight` must be finite, got inf at class 1"),
+    ("weight_nan", dict(w=np.array([1, 1, np.nan], np.float32)), ValueError, "`weight` must be finite, got nan at class 2"),
+    ("softcap_negative", dict(logit_softcap=-1.0), ValueError, "`logit_softcap` must be >= 0"),
+    ("scale_zero", dict(logit_scale=0.0), ValueError, "`logit_scale` must be non-zero"),
     ("weight_dtype", dict(w=np.ones(3, np.int32)), TypeError, "`weight` must be a float tensor"),
     ("reduction", dict(reduction="avg"), ValueError, "`reduction` must be one of"),
     ("smoothing_high", dict(label_smoothing=1.0), ValueError, r"`label_smoothing` must be in \[0, 1\)"),
@@ -362,3 +365,133 @@ def test_grad_op_rejects_bad_input():
     with pytest.raises(ValueError, match="cross_entropy_loss_grad: `target` value 9"):
         cross_entropy_loss_grad(ms.Tensor(np.float32(1)), log_prob,
                                 ms.Tensor(np.full(5, 9, np.int64)))
+
+
+# ---- logit scale / softcap, argmax, gradient w.r.t. probability targets --------------------------
+
+def torch_mapped_cross_entropy(x, target, weight, reduction, label_smoothing, logit_scale,
+                               logit_softcap, ignore_index=IGNORE_INDEX):
+    """PyTorch float64: F.cross_entropy of z = cap tanh(s x / cap) (or s x), which torch does not
+    offer itself; returns (loss, d sum(loss) / dx, d sum(loss) / dtarget or None)."""
+    import torch
+    import torch.nn.functional as F
+
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    soft = np.asarray(target).ndim == 2
+    tt = torch.tensor(np.asarray(target, np.float64 if soft else np.int64), requires_grad=soft)
+    z = logit_scale * xt
+    if logit_softcap > 0:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    wt = None if weight is None else torch.tensor(np.asarray(weight, np.float64))
+    loss = F.cross_entropy(z, tt, weight=wt, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    grads = torch.autograd.grad(loss.sum(), (xt, tt) if soft else (xt,))
+    return (loss.detach().numpy(), grads[0].numpy(),
+            grads[1].numpy() if soft else None)
+
+
+LOGIT_MAPS = [(0.5, 0.0), (1.0, 30.0), (-2.0, 5.0), (3.0, 2.0)]
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("logit_scale,logit_softcap", LOGIT_MAPS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_logit_scale_and_softcap_vs_torch_float64(mode, logit_scale, logit_softcap, reduction):
+    x, t, w = make_case(23, 300, seed=11, ignore_fraction=0.2)
+    options = {"reduction": reduction, "label_smoothing": 0.1, "logit_scale": logit_scale,
+               "logit_softcap": logit_softcap}
+    result = run_op(mode, x, t, w, options, ms.float32)
+    loss, grad, _ = torch_mapped_cross_entropy(x, t, w, reduction, 0.1, logit_scale,
+                                               logit_softcap)
+    assert_close(result["loss"], loss, ms.float32, "loss vs torch")
+    # dz/dx = s (1 - (z / cap)^2) loses float32 digits where tanh saturates, as in any framework.
+    tolerance = 2e-6 if logit_softcap == 0 else 2e-5
+    np.testing.assert_allclose(result["grad"], grad, atol=tolerance * np.abs(grad).max(),
+                               err_msg="grad vs torch")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_logit_softcap_on_cross_entropy_rows_and_half_dtypes(dtype_name):
+    dtype = DTYPES[dtype_name]
+    x, t, w = make_case(17, 2100, seed=12, ignore_fraction=0.2)
+    xr = rounded(x, dtype)
+
+    def rows_sum(a):
+        loss_rows, lse, _ = cross_entropy_rows(a, ms.Tensor(t), ms.Tensor(w), logit_scale=0.7,
+                                               logit_softcap=4.0)
+        return loss_rows.sum() + 0.01 * (lse * lse).sum()
+
+    xt = to_ms(x, dtype)
+    loss_rows = to_numpy(cross_entropy_rows(xt, ms.Tensor(t), ms.Tensor(w), logit_scale=0.7,
+                                            logit_softcap=4.0)[0])
+    want_rows, _, _ = torch_mapped_cross_entropy(xr, t, w, "none", 0.0, 0.7, 4.0)
+    assert_close(loss_rows, want_rows, dtype, "loss_rows")
+    grad = to_numpy(ms.grad(rows_sum)(xt))
+    import torch
+    xt64 = torch.tensor(xr, requires_grad=True)
+    z = 4.0 * torch.tanh(0.7 * xt64 / 4.0)
+    lse = torch.logsumexp(z, 1)
+    rows = torch.nn.functional.cross_entropy(z, torch.tensor(t), weight=torch.tensor(
+        w.astype(np.float64)), reduction="none")
+    (want,) = torch.autograd.grad(rows.sum() + 0.01 * (lse * lse).sum(), xt64)
+    np.testing.assert_allclose(grad, want.numpy(), atol=(2e-5 if dtype == ms.float32 else 2e-2)
+                               * np.abs(want.numpy()).max())
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_argmax_output_gives_predicted_tokens_and_token_accuracy(mode, index_dtype):
+    rng = np.random.default_rng(13)
+    x = rng.integers(-3, 4, (41, 2100)).astype(np.float32)  # many ties: the first index wins
+    x[5, 2050] = 9.0  # the max in the second block of 2048
+    x[6, :] = 1.0
+    x[7, 100] = np.nan  # NaN counts as the largest, as torch.argmax
+    t = rng.integers(0, 2100, 41).astype(index_dtype)
+    t[:10] = x[:10].argmax(1)
+    t[3] = IGNORE_INDEX
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+    class Rows(nn.Cell):
+        def construct(self, a, b):
+            return cross_entropy_rows(a, b, logit_scale=-1.0, return_argmax=True)
+
+    outputs = Rows()(ms.Tensor(x), ms.Tensor(t))
+    assert len(outputs) == 4
+    argmax = outputs[3].asnumpy()
+    assert argmax.dtype == index_dtype
+    import torch
+    want = torch.argmax(torch.tensor(-x.astype(np.float64)), dim=1).numpy()
+    np.testing.assert_array_equal(argmax, want)
+    counted = t != IGNORE_INDEX
+    accuracy = ((argmax == t) & counted).sum() / counted.sum()
+    assert accuracy == ((want == t) & counted).sum() / counted.sum()
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted,label_smoothing", [(False, 0.0), (True, 0.2)])
+def test_gradient_wrt_probability_targets_vs_torch_float64(mode, reduction, weighted,
+                                                          label_smoothing):
+    x, t, w = make_case(13, 257, seed=14, soft=True)
+    weight = w if weighted else None
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    wt = None if weight is None else ms.Tensor(weight)
+
+    class Loss(nn.Cell):
+        def construct(self, a, b):
+            return cross_entropy_loss(a, b, wt, reduction=reduction,
+                                      label_smoothing=label_smoothing)[0].sum()
+
+    grad_x, grad_t = ms.grad(Loss(), grad_position=(0, 1))(ms.Tensor(x), ms.Tensor(t))
+    _, want_x, want_t = torch_mapped_cross_entropy(x, t, weight, reduction, label_smoothing, 1.0,
+                                                   0.0)
+    assert_close_to_peak(grad_x, want_x, ms.float32, "d loss / d input")
+    assert_close_to_peak(grad_t, want_t, ms.float32, "d loss / d target")
+    # The Cells' building block too.
+    class RowsLoss(nn.Cell):
+        def construct(self, a, b):
+            return cross_entropy_rows(a, b, wt, label_smoothing=label_smoothing)[0].sum()
+
+    grad_t = ms.grad(RowsLoss(), grad_position=1)(ms.Tensor(x), ms.Tensor(t))
+    _, _, want_t = torch_mapped_cross_entropy(x, t, weight, "sum", label_smoothing, 1.0, 0.0)
+    assert_close_to_peak(grad_t, want_t, ms.float32, "rows: d loss / d target")

@@ -21,7 +21,7 @@ smoothing; z-loss; every reduction; logits with -inf entries, rows that are -inf
 entry, whole -inf rows, NaN, +inf, huge (+-6e4), tiny (1e-30), constant and rising rows
 (the running max changes in every kernel block).
 Bad values: targets out of range (incl. int64 extremes), wrong target / input / weight dtypes,
-ranks and shapes, C = 0, negative weights, bad reduction / smoothing / z-loss scale /
+ranks and shapes, C = 0, non-finite weights, bad reduction / smoothing / z-loss scale /
 ignore_index.
 
 For ``binary_cross_entropy_with_logits`` (forward + gradients w.r.t. input and target, against
@@ -593,8 +593,9 @@ BAD_KINDS = {
         "weight": ms.Tensor(np.ones(c + int(rng.choice([-1, 1, 5])), np.float32))}),
     "weight_2d": ("weight", lambda rng, n, c, ii: {
         "weight": ms.Tensor(np.ones((1, c), np.float32))}),
-    "weight_negative": ("weight", lambda rng, n, c, ii: {
-        "weight": ms.Tensor(np.where(np.arange(c) == rng.integers(0, c), -0.5, 1.0)
+    "weight_not_finite": ("weight", lambda rng, n, c, ii: {
+        "weight": ms.Tensor(np.where(np.arange(c) == rng.integers(0, c),
+                                     rng.choice([np.inf, -np.inf, np.nan]), 1.0)
                             .astype(np.float32))}),
     "weight_int": ("weight", lambda rng, n, c, ii: {
         "weight": ms.Tensor(np.ones(c, np.int32))}),

@@ -153,7 +153,8 @@ def test_target_outside_vocabulary_gives_nan_in_graph_and_error_in_pynative(mode
     ({"vocab_start": 1.0}, TypeError, r"`vocab_start` must be an int, got 1.0"),
     ({"group": "some_group"}, RuntimeError, r"`group` 'some_group' was given but "),
     ({"weight": ms.Tensor(np.ones(5, np.float32))}, ValueError, r"`weight` must have shape \(4,\)"),
-    ({"weight": ms.Tensor(-np.ones(4, np.float32))}, ValueError, r"`weight` must be non-negative"),
+    ({"weight": ms.Tensor(np.array([1, np.inf, 1, 1], np.float32))}, ValueError,
+     r"`weight` must be finite, got inf at class 1"),
     ({"label_smoothing": 1.0}, ValueError, r"`label_smoothing` must be in \[0, 1\)"),
     ({"ignore_index": 1.5}, TypeError, r"`ignore_index` must be an int"),
 ])

@@ -13,16 +13,18 @@ Everything is computed in float32 and cast back to the input dtype at the end.
   only float32 [N] per-row values from the forward (loss, lse, the row's weight, and the shift
   state (row_max, log_sum)) and its bprop recomputes the softmax from the logits, as the CPU
   kernels do. Nothing [N, C] lives from the forward to the backward besides the logits.
-- :func:`cross_entropy_loss` (the vendor-compatible op, which returns log_prob [N, C] anyway)
-  takes its gradient from MindSpore's autodiff; :func:`cross_entropy_loss_grad`, whose input is
-  ``log_prob`` rather than the logits, is the closed form of SPEC section 2.
+- :func:`cross_entropy_loss` (the vendor-compatible op) reduces the rows of the same
+  :class:`RowsCell` and returns log_prob = (x - m_n) - log_sum_n (not differentiable);
+  :func:`cross_entropy_loss_grad`, whose input is ``log_prob`` rather than the logits, is the
+  closed form of SPEC section 2.
 
-Numerics:
-- lse_n = m_n + log_sum_n, log_sum_n = log(sum_c exp(x[n,c] - m_n)), m_n = max_c x[n,c] (0 when it
-  is not finite, so a row of -inf logits has lse = -inf and NaN / +inf propagate). The softmax of
-  the backward is exp((x - m_n) - log_sum_n): no cancellation at huge offsets. In the autodiff
-  path m_n is held constant (``stop_gradient``): the gradient of lse w.r.t. m_n is exactly 0.
-- -log_prob = lse - x, never -log(softmax(x)).
+Numerics (as the CPU kernels):
+- lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
+  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = -log1p(-rest), rest = 1 - p_max
+  summed without the max's own term (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
+  non-negative terms: no digits lost at huge offsets, full relative precision on confident rows.
+- The softmax of the backward is exp((x - m_n) - log_sum_n), and the target's entry p[y] - 1 is
+  expm1(log p[y]), never p[y] - 1.
 - Ignored rows contribute exactly 0 to the loss, the z-loss and the gradient even when their
   logits are -inf (selection, not multiplication by the mask, as in the kernels).
 - BCE uses softplus: -log(sigmoid(x)) = softplus(-x), -log(1 - sigmoid(x)) = x + softplus(-x).
@@ -33,48 +35,10 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, log1p, total
-from ms_xent._backends._reductions import reduce_rows, upstream_per_row
+from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
+from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
-
-
-def _row_lse_parts(logits):
-    """(sum_c exp(x[n, c] - m_n), m_n), float32 [N] each, so that lse_n = log(sum) + m_n.
-
-    m_n is the row maximum, held constant for autodiff, and 0 when it is not finite: a row of
-    -inf logits then has lse = log(0) + 0 = -inf (as the kernels report), and NaN / +inf still
-    propagate through x - 0.
-    """
-    row_max = ops.stop_gradient(ops.amax(logits, 1, True))
-    row_max = ops.select(ops.isfinite(row_max), row_max, ops.zeros_like(row_max))
-    return ops.exp(logits - row_max).sum(axis=1), row_max.reshape(-1)
-
-
-def _hard_target_rows(logits, lse, target, weight, ignore_index, label_smoothing):
-    """(l_n, row share of the "mean" denominator) for class-index targets.
-
-    l_n = m_n ((1 - eps) w[y_n] (lse_n - x[n, y_n]) + (eps / C) sum_c w[c] (lse_n - x[n, c])),
-    share_n = m_n w[y_n], with m_n = 1{y_n != ignore_index}. Ignored rows give exactly 0 and a zero
-    gradient, whatever their logits (``lse`` is 0 on them, see :func:`_row_values`).
-    """
-    n_classes = logits.shape[1]
-    counted = counted_rows(target, ignore_index)
-    safe_target = ops.select(counted, target, ops.zeros_like(target))
-    picked = ops.gather_elements(logits, 1, safe_target.reshape(-1, 1)).reshape(-1)
-    if weight is None:
-        target_weight = ops.ones_like(picked)
-    else:
-        target_weight = ops.gather(weight, safe_target, 0)
-    rows = target_weight * (lse - picked)
-    if label_smoothing > 0:
-        negative_log_prob = lse.reshape(-1, 1) - logits
-        if weight is not None:
-            negative_log_prob = negative_log_prob * weight
-        uniform = negative_log_prob.sum(axis=1)
-        rows = (1.0 - label_smoothing) * rows + (label_smoothing / n_classes) * uniform
-    zeros = ops.zeros_like(rows)
-    return ops.select(counted, rows, zeros), ops.select(counted, target_weight, zeros)
 
 
 def _smoothed_probabilities(target, label_smoothing, n_classes):
@@ -85,30 +49,26 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
     return target
 
 
-def _row_values(input, target, weight, ignore_index, label_smoothing, soft):  # pylint: disable=redefined-builtin
-    """float32 (l_n, lse_n, counted lse_n, share of the "mean" denominator, m_n, log_prob).
+def split_log_sum_exp(x, zeros_like, softmax):
+    """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, with the precision of the
+    CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
-    The losses use "counted lse": lse_n on counted rows, and on ignored rows log(1) + 0 instead of
-    their own, so that a row of -inf logits cannot send 0 * inf = NaN into the gradient.
-    """
-    logits = input.astype(F32)
-    weight = None if weight is None else weight.astype(F32)
-    sum_exp, row_max = _row_lse_parts(logits)
-    lse = ops.log(sum_exp) + row_max
-    log_prob = ops.stop_gradient(logits - lse.reshape(-1, 1))
-    if soft:
-        probabilities = _smoothed_probabilities(target, label_smoothing, logits.shape[1])
-        if weight is not None:
-            probabilities = probabilities * weight
-        rows = (probabilities * (lse.reshape(-1, 1) - logits)).sum(axis=1)
-        counted = ops.ones_like(lse)
-        return rows, lse, lse, counted, counted, log_prob
-    counted = counted_rows(target, ignore_index)
-    counted_lse = (ops.log(ops.select(counted, sum_exp, ops.ones_like(sum_exp)))
-                   + ops.select(counted, row_max, ops.zeros_like(row_max)))
-    rows, shares = _hard_target_rows(logits, counted_lse, target, weight, ignore_index,
-                                     label_smoothing)
-    return rows, lse, counted_lse, shares, counted.astype(F32), log_prob
+    p = softmax(x) from MindSpore's fused kernel (exp(x - max) / sum: each p[c] to a few ulp),
+    rest = sum of p over every class but the first argmax = 1 - p_max, summed without the
+    1.0-sized term, log_sum = -log p_max = -log1p(-rest): full relative precision when the max
+    carries nearly all the mass, where log(sum) of a float32 sum holding 1.0 keeps only the
+    digits of rest above 2^-24. row_max is 0 when it is not finite: a row of -inf gives
+    (0, -inf); a row holding NaN gets log_sum NaN, as in the kernels."""
+    row_max = ops.amax(x, 1)
+    minus_inf = row_max == float("-inf")
+    row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
+    p = softmax(x)
+    top = ops.argmax(x, 1).reshape(-1, 1)
+    rest = ops.tensor_scatter_elements(p, top, zeros_like(top).astype(F32), 1).sum(axis=1)
+    log_sum = -log1p(-rest)
+    log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
+    # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly.
+    return row_max, ops.select(ops.isnan(x).any(axis=1), log_sum * float("nan"), log_sum)
 
 
 class RowKernels(nn.Cell):
@@ -134,32 +94,33 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
+        # Likewise the fused softmax kernels, used by the forward and the bprop.
+        self.softmax = ops.Softmax(axis=1)
+        self.log_softmax = ops.LogSoftmax(axis=1)
 
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        # log_sum = log sum_c exp(x - m) = -max_c log_softmax(x): MindSpore's fused LogSoftmax
-        # kernel instead of broadcasting x - m over [N, C] (slow on CPU).
-        row_max = ops.amax(x, 1)
-        row_max = ops.select(ops.isfinite(row_max), row_max, self.zeros_like(row_max))
-        log_sum = -ops.amax(ops.log_softmax(x, 1), 1)
-        # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly, as in the kernels.
-        log_sum = ops.select(ops.isnan(x).any(axis=1), log_sum * float("nan"), log_sum)
+        row_max, log_sum = split_log_sum_exp(x, self.zeros_like, self.softmax)
         lse = row_max + log_sum
+        # -log p = (row_max - x) + log_sum: two non-negative terms, no cancellation.
         if self.soft:
             probabilities = _smoothed_probabilities(target, self.label_smoothing, n_classes)
             if self.weighted:
                 probabilities = probabilities * weight
-            rows = (probabilities * (lse.reshape(-1, 1) - x)).sum(axis=1)
+            negative_log_prob = (row_max.reshape(-1, 1) - x) + log_sum.reshape(-1, 1)
+            rows = (probabilities * negative_log_prob).sum(axis=1)
             return rows, lse, ops.ones_like(lse), (row_max, log_sum)
         counted = counted_rows(target, self.ignore_index)
-        kept_lse = ops.select(counted, lse, self.zeros_like(lse))
+        # Ignored rows: 0 in place of their (possibly non-finite) shift.
+        kept_max = ops.select(counted, row_max, self.zeros_like(row_max))
+        kept_log_sum = ops.select(counted, log_sum, self.zeros_like(log_sum))
         safe_target = ops.select(counted, target, self.zeros_like(target))
         picked = ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
         target_weight = ops.gather(weight, safe_target, 0) if self.weighted else ops.ones_like(lse)
-        rows = target_weight * (kept_lse - picked)
+        rows = target_weight * ((kept_max - picked) + kept_log_sum)
         if self.label_smoothing > 0:
-            negative_log_prob = kept_lse.reshape(-1, 1) - x
+            negative_log_prob = (kept_max.reshape(-1, 1) - x) + kept_log_sum.reshape(-1, 1)
             if self.weighted:
                 negative_log_prob = negative_log_prob * weight
             rows = ((1.0 - self.label_smoothing) * rows
@@ -171,10 +132,11 @@ class RowKernels(nn.Cell):
     def backward(self, logits, target, weight, shift, row_grad, row_grad_lse):
         x = logits.astype(F32)
         p = ops.exp((x - shift[0].reshape(-1, 1)) - shift[1].reshape(-1, 1))
-        return self._gradient(x, p, logits, target, weight, row_grad, row_grad_lse)
+        return self._gradient(x, p, logits, target, weight, row_grad, row_grad_lse, shift)
 
-    def _gradient(self, x, p, logits, target, weight, row_grad, row_grad_lse):
-        """The gradient from the softmax p (see the class docstring)."""
+    def _gradient(self, x, p, logits, target, weight, row_grad, row_grad_lse, shift):
+        """The gradient from the softmax p (see the class docstring); the target's entry from the
+        shift state (row_max, log_sum), [N]-sized arithmetic only."""
         n_classes = x.shape[1]
         smooth = self.label_smoothing / n_classes
         if self.soft:
@@ -199,15 +161,22 @@ class RowKernels(nn.Cell):
             else:
                 target_weight = counted.astype(F32)
                 total_weight = float(n_classes)
-            k = (a * ((1.0 - self.label_smoothing) * target_weight + smooth * total_weight)
-                 + row_grad_lse)
-            grad = p * k.reshape(-1, 1)
+            target_coef = a * (1.0 - self.label_smoothing) * target_weight
+            k_rest = a * smooth * total_weight + row_grad_lse if self.label_smoothing > 0 else (
+                row_grad_lse)
+            grad = p * (target_coef + k_rest).reshape(-1, 1)
+            smoothing_term = 0.0
             if self.label_smoothing > 0:
                 class_term = weight if self.weighted else 1.0
                 grad = grad - (a * smooth).reshape(-1, 1) * class_term
-            true_class = -(a * (1.0 - self.label_smoothing) * target_weight)
+                smoothing_term = a * smooth * (target_weight if self.weighted else 1.0)
+            # The target's entry with p[y] - 1 = expm1((x[y] - row_max) - log_sum), as the
+            # kernels: -(1 - p[y]) keeps its digits on a confident row.
+            log_p = ((ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
+                      - shift[0]) - shift[1])
+            true_class = target_coef * expm1(log_p) + ops.exp(log_p) * k_rest - smoothing_term
             grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
-                                               true_class.reshape(-1, 1), 1, "add")
+                                               true_class.reshape(-1, 1), 1)
         silent = (a == 0) & (row_grad_lse == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype)
@@ -224,8 +193,16 @@ class RowsCell(RowKernels):
     def bprop(self, logits, target, weight, out, dout):
         # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
         x = logits.astype(F32)
-        grad = self._gradient(x, ops.softmax(x, 1), logits, target, weight, dout[0], dout[1])
-        return grad, self.zeros_like(target), self.zeros_like(weight)
+        shift = (out[3], out[4])
+        grad = self._gradient(x, self.softmax(x), logits, target, weight, dout[0], dout[1],
+                              shift)
+        if not self.soft:
+            return grad, self.zeros_like(target), self.zeros_like(weight)
+        # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
+        log_p = self.log_softmax(x)
+        class_term = weight if self.weighted else 1.0
+        grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
+        return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,36 +212,59 @@ def _rows_cell(ignore_index, label_smoothing, weighted, soft):
     return RowsCell(ignore_index, label_smoothing, weighted, soft)
 
 
+def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
+    """z = logit_softcap tanh(logit_scale x / logit_softcap), or logit_scale x without a softcap
+    (float32 [N, C]; differentiable by autodiff). The logits themselves when neither is set."""
+    if logit_scale == 1.0 and logit_softcap == 0.0:
+        return logits
+    z = logits.astype(F32) * logit_scale
+    if logit_softcap > 0:
+        z = logit_softcap * ops.tanh(z / logit_softcap)
+    return z
+
+
 def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                       soft=False):
+                       soft=False, logit_scale=1.0, logit_softcap=0.0, return_argmax=False):
     """Same contract as :func:`ms_xent.ops.cross_entropy_rows`: float32 (loss_rows, lse,
     row_weight), differentiable w.r.t. ``logits`` through ``loss_rows`` and ``lse``; keeps only
-    float32 [N] values for the backward (:class:`RowsCell`)."""
+    float32 [N] values for the backward (:class:`RowsCell`) when there is no logit map (with one,
+    the mapped float32 [N, C] logits are kept by autodiff). With ``return_argmax`` also the first
+    index of each row's largest mapped logit (dtype of the class indices, int64 for
+    probabilities)."""
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
-    rows = _rows_cell(ignore_index, float(label_smoothing), weighted, soft)
-    outputs = rows(logits, target, weight)
-    return outputs[0], outputs[1], outputs[2]
+    z = mapped_logits(logits, logit_scale, logit_softcap)
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    outputs = rows_cell(z, target, weight)
+    rows = (outputs[0], outputs[1], outputs[2])
+    if not return_argmax:
+        return rows
+    index_dtype = ms.int64 if soft else target.dtype
+    return rows + (ops.stop_gradient(ops.argmax(z, 1)).astype(index_dtype),)
 
 
 def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_index=-100,  # pylint: disable=redefined-builtin
                        label_smoothing=0.0, lse_square_scale_for_zloss=0.0, return_zloss=False,
-                       soft=False):
+                       soft=False, logit_scale=1.0, logit_softcap=0.0):
     """Same contract as :func:`ms_xent.ops.cross_entropy_loss` (arguments already validated).
 
     ``soft`` says that ``target`` holds [N, C] probabilities; ``weight`` is None or float [C].
     Returns (loss, log_prob, zloss, lse_for_zloss); ``loss``, ``zloss`` and ``lse_for_zloss`` are
-    differentiable w.r.t. ``input``, ``log_prob`` is not.
+    differentiable w.r.t. ``input``, ``log_prob`` is not. "mean" with class weights uses w / D
+    (:func:`mean_weight`), as the CPU backend does.
     """
-    rows, lse, counted_lse, shares, counted, log_prob = _row_values(
-        input, target, weight, ignore_index, label_smoothing, soft)
-    loss = reduce_rows(rows, reduction, total(shares)).astype(input.dtype)
-
-    zloss = ops.zeros((0,), input.dtype)
-    if return_zloss:
-        z_rows = lse_square_scale_for_zloss * counted_lse * counted_lse  # m_n s lse_n^2
-        zloss = reduce_rows(z_rows, reduction, total(counted)).astype(input.dtype)
-    lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), F32)
+    mean_nonzero = None
+    if weight is not None and reduction == "mean" and not soft:
+        weight, mean_nonzero = mean_weight(weight, target, ignore_index)
+    weighted = weight is not None
+    z = mapped_logits(input, logit_scale, logit_softcap)
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows, lse, shares, row_max, log_sum = rows_cell(
+        z, target, weight if weighted else ops.ones((1,), F32))
+    log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
+    loss, zloss, lse_for_zloss = loss_and_zloss(
+        rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,
+        lse_square_scale_for_zloss, return_zloss, soft)
     return loss, log_prob.astype(input.dtype), zloss, lse_for_zloss
 
 
@@ -283,6 +283,10 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
     probabilities = ops.exp(log_prob32)
     n_classes = log_prob.shape[1]
     weight = None if weight is None else weight.astype(F32)
+    loss_reduction = reduction
+    if weight is not None and reduction == "mean" and not soft:
+        weight, _ = mean_weight(weight, target, ignore_index)  # the "mean" is then a sum
+        loss_reduction = "sum"
     if soft:
         smoothed = _smoothed_probabilities(target, label_smoothing, n_classes)
         if weight is not None:
@@ -298,7 +302,9 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
             target_weight = ops.ones_like(safe_target, dtype=F32)
         else:
             target_weight = ops.gather(weight, safe_target, 0)
-        d_rows = (1.0 - label_smoothing) * target_weight.reshape(-1, 1) * (probabilities - one_hot)
+        # p - onehot(y), the target's entry as expm1(log p[y]): no cancellation when p[y] ~ 1.
+        p_minus_one_hot = ops.select(one_hot > 0, expm1(log_prob32), probabilities)
+        d_rows = (1.0 - label_smoothing) * target_weight.reshape(-1, 1) * p_minus_one_hot
         if label_smoothing > 0:
             if weight is None:
                 uniform = n_classes * probabilities - 1.0
@@ -307,7 +313,8 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
             d_rows = d_rows + (label_smoothing / n_classes) * uniform
         denominator = total(ops.select(counted, target_weight, ops.zeros_like(target_weight)))
     counted_f32 = counted.astype(F32)
-    grad = upstream_per_row(grad_loss, reduction, denominator, counted_f32).reshape(-1, 1) * d_rows
+    grad = (upstream_per_row(grad_loss, loss_reduction, denominator, counted_f32).reshape(-1, 1)
+            * d_rows)
 
     if grad_zloss is not None and lse_for_zloss is not None and lse_square_scale_for_zloss > 0:
         z_upstream = upstream_per_row(grad_zloss, reduction, total(counted_f32), counted_f32)

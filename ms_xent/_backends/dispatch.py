@@ -46,6 +46,7 @@ class weights given                      composed                vendor document
 label_smoothing > 0                      composed                vendor gradient: 0.0 only
 z-loss (scale > 0, return_zloss, or a    composed                vendor: z-loss not enabled
 z-loss gradient)
+logit_scale != 1 or logit_softcap > 0    composed                vendor: no logit map
 N == 0, or N >= 200000 when N is static  composed                vendor: N in (0, 200000)
 built-in primitive present (and no       ascend_builtin          MindSpore's maintained path
 MS_XENT_ASCEND_BACKEND=aclnn_custom)
@@ -203,15 +204,17 @@ def _vendor_backend(builtin, variant):
 
 def choose_cross_entropy_backend(device_target_name, *, requested=AUTO, soft_target=False,
                                  weighted=False, label_smoothing=0.0, zloss=False, n_rows=-1,
-                                 builtin_available=True, variant=ASCEND_BUILTIN):  # pylint: disable=redefined-outer-name
+                                 builtin_available=True, variant=ASCEND_BUILTIN,  # pylint: disable=redefined-outer-name
+                                 logit_map=False):
     """The backend for a cross-entropy call (forward or gradient); see the module table.
 
-    ``n_rows`` < 0 means unknown at compile time (dynamic shape).
+    ``n_rows`` < 0 means unknown at compile time (dynamic shape); ``logit_map``: a logit scale
+    other than 1 or a softcap.
     """
     row = requested_row(device_target_name, requested)
     if row != ASCEND:
         return row
-    if soft_target or weighted or label_smoothing > 0 or zloss:
+    if soft_target or weighted or label_smoothing > 0 or zloss or logit_map:
         return COMPOSED
     if n_rows == 0 or n_rows > VENDOR_MAX_ROWS:
         return COMPOSED
@@ -249,11 +252,12 @@ def choose_linear_cross_entropy_backend(device_target_name, *, requested=AUTO,
 
 
 @constexpr
-def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss):
+def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss, logit_map=False):
     return choose_cross_entropy_backend(
         device_target(), requested=requested_backend(), soft_target=soft, weighted=weighted,
         label_smoothing=label_smoothing, zloss=zloss, n_rows=static_size(input_shape[0]),
-        builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant())
+        builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant(),
+        logit_map=logit_map)
 
 
 @constexpr
@@ -288,24 +292,31 @@ def row_kernels(backend_name, ignore_index, label_smoothing, weighted, soft):
     return composed.RowKernels(ignore_index, label_smoothing, weighted, soft)
 
 
-def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft):
+def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft,
+                       logit_scale=1.0, logit_softcap=0.0, return_argmax=False):
     """:func:`ms_xent.ops.cross_entropy_rows` (arguments validated, weight None or float32 [C])."""
+    arguments = (logits, target, weight, ignore_index, label_smoothing, soft, logit_scale,
+                 logit_softcap, return_argmax)
     if rows_backend() == CPU_KERNEL:
-        return cpu.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
-    return composed.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
+        return cpu.cross_entropy_rows(*arguments)
+    return composed.cross_entropy_rows(*arguments)
 
 
 def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
-                       lse_square_scale_for_zloss, return_zloss, soft):
+                       lse_square_scale_for_zloss, return_zloss, soft, logit_scale=1.0,
+                       logit_softcap=0.0):
     """:func:`ms_xent.ops.cross_entropy_loss` (arguments validated, weight None or float32 [C])."""
+    logit_map = logit_scale != 1.0 or logit_softcap > 0
     choice = _cross_entropy_backend(input.shape, soft, weight is not None, label_smoothing,
-                                    lse_square_scale_for_zloss > 0 or return_zloss)
+                                    lse_square_scale_for_zloss > 0 or return_zloss, logit_map)
     arguments = (input, target, weight, reduction, ignore_index, label_smoothing,
                  lse_square_scale_for_zloss, return_zloss, soft)
     if choice == CPU_KERNEL:
-        return cpu.cross_entropy_loss(*arguments)
+        return cpu.cross_entropy_loss(*arguments, logit_scale=logit_scale,
+                                      logit_softcap=logit_softcap)
     if choice == COMPOSED:
-        return composed.cross_entropy_loss(*arguments)
+        return composed.cross_entropy_loss(*arguments, logit_scale=logit_scale,
+                                           logit_softcap=logit_softcap)
     return ascend.cross_entropy_loss(*arguments, use_builtin=choice == ASCEND_BUILTIN)
 
 

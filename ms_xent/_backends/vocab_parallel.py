@@ -18,8 +18,10 @@ Forward on rank r (local slice quantities, then two collectives, then replicated
         lse_r, loss_r = sum_{c in r} w[c] t[c] (lse_r - x[c]), M_r = sum_{c in r} w[c] t[c]
                                                                                  (probabilities)
     lse   = log sum_r exp(lse_r)      from an AllGather of the shift states (no AllReduce(MAX)):
-            (m_r, s_r) with lse_r = m_r + s_r give M = max_r m_r, s = log sum_r exp(m_r - M + s_r)
-    T     = sum_r [loss_r + rho_r (lse - lse_r)]   = w[y] (lse - x[y])   (or sum_c w t (lse - x))
+            (m_r, s_r) with lse_r = m_r + s_r give M = max_r m_r, s = log sum_r exp(m_r - M + s_r),
+            lse = M + s
+    T     = w[y] ((M - x[y]) + s) on the owner            = w[y] (lse - x[y])
+            (probabilities: sum_r [loss_r + M_r ((M - m_r) + (s - s_r))] = sum_c w t (lse - x))
     S     = sum_r x_r @ w_r                        = sum_c w[c] x[c]     (only when eps > 0)
     l_n   = (1-eps) T + (eps/C) m (W lse - S)
     Both summands of T are non-negative: no cancellation. T, rho, S and W travel in one
@@ -109,7 +111,9 @@ class VocabParallelRows(nn.Cell):
     def _global_shift(self, shift_r):
         """(lse, global shift state) from the ranks' (row_max, log_sum) pairs, by one AllGather.
 
-        M = max_r m_r is taken locally over the gathered rows (AllReduce(MAX) is refused on CPU);
+        M = max_r m_r is taken locally over the gathered rows (AllReduce(MAX) is refused on CPU),
+        over the slices that hold an element above -inf (log_sum_r > -inf: an all -inf slice
+        reports row_max 0 by convention, which must not become the reference);
         s = log sum_r exp(m_r - M + s_r) in float64, so that lse = M + s is rounded once.
         """
         if self.world_size == 1:
@@ -117,6 +121,8 @@ class VocabParallelRows(nn.Cell):
         gathered = self.all_gather(ops.stack(shift_r)).reshape((self.world_size, 2, -1))
         gathered = self.cast(gathered, ms.float64)
         row_max, log_sum = gathered[:, 0], gathered[:, 1]
+        minus_inf = ops.full_like(row_max, float("-inf"))
+        row_max = ops.select(log_sum == minus_inf, minus_inf, row_max)
         top = row_max.max(axis=0)
         # A row that is -inf on every rank stays -inf (like the kernel), NaN and +inf propagate.
         top = ops.select(ops.isfinite(top), top, ops.full_like(top, 0.0))
@@ -149,8 +155,17 @@ class VocabParallelRows(nn.Cell):
             loss_r, lse_r, mass_r, shift_r = self.rows.forward(logits, local_target, weight)
             counted = counted_rows(target, self.ignore_index).astype(F32)
         lse, shift = self._global_shift(shift_r)
-        # loss_r + rho_r (lse - lse_r) on the owning rank only: elsewhere lse_r may be -inf.
-        target_r = ops.select(owns, loss_r + mass_r * (lse - lse_r), ops.full_like(lse, 0.0))
+        # On the owning rank only (elsewhere the local values may be -inf): class targets
+        # rho_r ((M - x[y]) + s), both terms >= 0 and x[y] -inf gives inf even when the owner's
+        # whole slice is -inf; probabilities loss_r + M_r ((M - m_r) + (s - s_r)).
+        if self.soft:
+            target_r = loss_r + mass_r * ((shift[0] - shift_r[0]) + (shift[1] - shift_r[1]))
+        else:
+            picked = ops.gather_elements(self.cast(logits, F32), 1,
+                                         ops.select(owns, local_target,
+                                                    self.zeros_like(local_target)).reshape(-1, 1))
+            target_r = mass_r * ((shift[0] - picked.reshape(-1)) + shift[1])
+        target_r = ops.select(owns, target_r, ops.full_like(lse, 0.0))
         parts = [target_r, mass_r, owns.astype(F32)]
         if self.label_smoothing > 0:
             parts += [self._dot_weight(logits, weight), weight.sum() * ops.ones_like(lse)]

@@ -73,6 +73,7 @@ inline DType ParseDType(const char *name) {
 constexpr int kOk = 0;
 constexpr int kBadArguments = 1;
 constexpr int kTargetOutOfRange = 2;
+constexpr int kWeightNotFinite = 3;
 
 // The attributes a kernel's <Name>Init stored in `extra` (an AotExtra*), or the defaults of
 // Attrs when there are none (extra is null, or Init did not run).

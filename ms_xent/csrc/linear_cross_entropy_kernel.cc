@@ -88,21 +88,6 @@ int ReadLinearAttrs(AotExtra *extra) {
   return kOk;
 }
 
-// tanh(t) in float32, vectorisable: an odd polynomial for |t| < 0.625 (where 1 - 2 / (e^2t + 1)
-// would lose the small result to cancellation), else 1 - 2 / (e^2t + 1), which saturates to +-1
-// (e^2t = inf or 0). The polynomial is the Cephes tanhf one (about 2 ulp). NaN -> NaN.
-inline float FastTanh(float t) {
-  const float t2 = t * t;
-  float p = -5.70498872745e-3f;
-  p = p * t2 + 2.06390887954e-2f;
-  p = p * t2 - 5.37397155531e-2f;
-  p = p * t2 + 1.33314422036e-1f;
-  p = p * t2 - 3.33332819422e-1f;
-  const float small = t + t * t2 * p;
-  const float large = 1.0f - 2.0f / (FastExp(2.0f * t) + 1.0f);
-  return std::fabs(t) < 0.625f ? small : large;
-}
-
 // 64-byte-aligned scratch buffer of `count` elements (none when count is 0).
 template <typename T>
 class Scratch {
@@ -337,11 +322,11 @@ class LinearCrossEntropy {
     const float true_class = a * (1.0f - eps_) * w_y;
     const float k = true_class + a * smooth_ * total_weight_ + b;
     const float l = a * smooth_;
-    // p K = exp(x - M) * k exp(-L).
-    const float k_scaled = k * std::exp(-s.log_sum);
     const float cap = attrs_.logit_softcap;
     if (cap > 0.0f) {
       const float inv_cap = 1.0f / cap;
+      // p K = exp(x - M) * k exp(-L).
+      const float k_scaled = k * std::exp(-s.log_sum);
 #pragma omp simd
       for (int64_t c = 0; c < V_; ++c) {
         const float xc = row[c];
@@ -349,7 +334,7 @@ class LinearCrossEntropy {
         row[c] = (FastExp(xc - s.max) * k_scaled - l * ClassWeight(c)) * (1.0f - ratio * ratio);
       }
     } else {
-      WriteGradRow(row, V_, s.max, k_scaled, l, kWeighted ? class_weight_ : nullptr, row, false);
+      WriteGradRow(row, V_, s.max, s.log_sum, k, l, kWeighted ? class_weight_ : nullptr, row, false);
     }
     if (!counted) return;
     const double target_term =

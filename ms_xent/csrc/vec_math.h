@@ -101,6 +101,21 @@ inline float FastExp(float x) {
   return result;
 }
 
+// tanh(t) in float32, vectorisable: an odd polynomial for |t| < 0.625 (where 1 - 2 / (e^2t + 1)
+// would lose the small result to cancellation), else 1 - 2 / (e^2t + 1), which saturates to +-1
+// (e^2t = inf or 0). The polynomial is the Cephes tanhf one (about 2 ulp). NaN -> NaN.
+inline float FastTanh(float t) {
+  const float t2 = t * t;
+  float p = -5.70498872745e-3f;
+  p = p * t2 + 2.06390887954e-2f;
+  p = p * t2 - 5.37397155531e-2f;
+  p = p * t2 + 1.33314422036e-1f;
+  p = p * t2 - 3.33332819422e-1f;
+  const float small = t + t * t2 * p;
+  const float large = 1.0f - 2.0f / (FastExp(2.0f * t) + 1.0f);
+  return std::fabs(t) < 0.625f ? small : large;
+}
+
 // log(1 + u) for u in [0, 1] in float32, vectorisable (one division, no library call).
 //   log(1 + u) = 2 atanh(s),  s = u / (2 + u) in [0, 1/3],
 //   2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ... + s^14/15)   (Taylor, truncated);

@@ -24,7 +24,8 @@ from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_wei
                                        parallel_degrees, wants_per_token_output)
 from ms_xent._backends._mindspore import known, total
 from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
-from ms_xent.ops.validation import FLOAT_TYPES, check_ignore_index, check_option_values
+from ms_xent.ops.validation import (FLOAT_TYPES, check_ignore_index, check_logit_map,
+                                    check_option_values)
 
 API = "CrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -137,6 +138,10 @@ class CrossEntropyLoss(nn.Cell):
             per-row values ``mask_n * r_n``, shape [N]).
         group: communication group of the model-parallel ranks (mp > 1 with explicit
             collectives); default the world group, which must then have mp ranks.
+        logit_scale, logit_softcap: the loss sees cap * tanh(scale * logits / cap) (cap =
+            ``logit_softcap`` > 0, Gemma-style softcap) or scale * logits (cap 0), applied
+            inside the kernel pass, as in :func:`ms_xent.ops.cross_entropy_loss`. Not with
+            vocabulary-parallel logits (ValueError).
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
 
     Parallel paths (mp > 1), chosen at construction:
@@ -173,7 +178,7 @@ class CrossEntropyLoss(nn.Cell):
     def __init__(self, parallel_config=None, *, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, weight=None, ignore_index=-100,
                  label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
-                 group=None, **kwargs):
+                 group=None, logit_scale=1.0, logit_softcap=0.0, **kwargs):
         super().__init__()
         self.data_parallel, self.model_parallel = parallel_degrees(parallel_config, API)
         self.check_for_nan_in_loss_and_grad = check_flag("check_for_nan_in_loss_and_grad",
@@ -183,6 +188,9 @@ class CrossEntropyLoss(nn.Cell):
         self.seq_split_num = check_positive_int("seq_split_num", seq_split_num, API)
         check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
         check_ignore_index(API, ignore_index)
+        check_logit_map(API, logit_softcap, logit_scale)
+        self.logit_scale = float(logit_scale)
+        self.logit_softcap = float(logit_softcap)
         self.per_token_output = wants_per_token_output(
             self.calculate_per_token_loss, self.seq_split_num, reduction, API)
         self.weight = class_weight_tensor(weight, API)
@@ -210,6 +218,10 @@ class CrossEntropyLoss(nn.Cell):
             self.add_label = ops.Add().shard(((dp,), ())).add_prim_attr("keep_alive", True)
             self.add_soft_label = ops.Add().shard(((dp, mp), ())).add_prim_attr("keep_alive",
                                                                                True)
+        if self.vocab_parallel and (self.logit_scale != 1.0 or self.logit_softcap > 0):
+            raise ValueError(f"{API}: `logit_scale` / `logit_softcap` are not supported with "
+                             f"vocabulary-parallel logits (model_parallel = "
+                             f"{self.model_parallel}); scale or cap the logits before the loss")
         if not self.vocab_parallel:
             if group is not None:
                 raise ValueError(f"{API}: `group` ({group!r}) applies only to model_parallel > 1 "
@@ -255,7 +267,8 @@ class CrossEntropyLoss(nn.Cell):
                 logits, label, self.weight_shard, self.ignore_index, self.label_smoothing,
                 self.vocab_group, self.vocab_start, self.num_classes)
         return cross_entropy_rows(logits, label, self.weight, self.ignore_index,
-                                  self.label_smoothing, api=API)
+                                  self.label_smoothing, api=API, logit_scale=self.logit_scale,
+                                  logit_softcap=self.logit_softcap)
 
     # ---- end of parallel paths ------------------------------------------------------------------
 

@@ -7,46 +7,63 @@ float32 loss and lse only, no [N, C] output.
 """
 
 from ms_xent._backends import dispatch
-from ms_xent.ops.validation import (check_option_values, class_weight,
+from ms_xent.ops.validation import (check_logit_map, check_option_values, class_weight,
                                     validate_logits_and_target)
 
 
 def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                       api="cross_entropy_rows"):
+                       api="cross_entropy_rows", logit_scale=1.0, logit_softcap=0.0,
+                       return_argmax=False):
     """Per-row cross-entropy without any [N, C] output; the training building block.
 
     Args:
         logits: [N, C] float16/bfloat16/float32.
         target: [N] int32/int64 class indices, or [N, C] float class probabilities.
-        weight, ignore_index, label_smoothing: as in :func:`cross_entropy_loss`.
+        weight, ignore_index, label_smoothing, logit_scale, logit_softcap: as in
+            :func:`cross_entropy_loss`.
+        return_argmax: also return each row's predicted class (see Returns).
 
     Returns:
         (loss_rows, lse, row_weight), float32 [N] each: l_n, log-sum-exp of the row, and the
         row's share of the mean denominator (w[y_n] or 0 if ignored; 1 for probability targets).
-        Differentiable w.r.t. ``logits`` through ``loss_rows`` and ``lse``; the backward recomputes
-        the softmax from ``logits``.
+        Differentiable w.r.t. ``logits`` through ``loss_rows`` and ``lse`` (and w.r.t.
+        probability targets through ``loss_rows``); the backward recomputes the softmax from
+        ``logits``. With ``return_argmax`` a fourth output: argmax [N], the first index of each
+        row's largest (scaled / softcapped) logit, as ``torch.argmax`` (NaN counts as largest), in
+        the dtype of the class indices (int64 for probability targets); found in the forward pass
+        that finds the row maximum; not differentiable. Token accuracy is
+        ``sum((argmax == target) * counted) / sum(counted)``.
     """
     check_option_values(api, "mean", label_smoothing, 0.0)
+    check_logit_map(api, logit_softcap, logit_scale)
     soft = validate_logits_and_target(api, logits, target, ignore_index)
     weight = class_weight(api, weight, logits.shape[1])
-    return dispatch.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft)
+    return dispatch.cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft,
+                                       float(logit_scale), float(logit_softcap),
+                                       bool(return_argmax))
 
 
 def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_index=-100,  # pylint: disable=redefined-builtin
-                       label_smoothing=0.0, lse_square_scale_for_zloss=0.0, return_zloss=False):
+                       label_smoothing=0.0, lse_square_scale_for_zloss=0.0, return_zloss=False,
+                       logit_scale=1.0, logit_softcap=0.0):
     """Fused log_softmax + nll_loss, with class weights, ignore_index, label smoothing and z-loss.
 
     Args:
         input: [N, C] logits, float16 / bfloat16 / float32 (accumulated in float32).
         target: [N] int32/int64 class indices in [0, C) or equal to ``ignore_index``; or [N, C]
             float class probabilities (then ``ignore_index`` does not apply and "mean" divides by N).
-        weight: optional [C] non-negative class weights.
-        reduction: "mean" (sum of l_n over sum of w[y_n] of non-ignored rows), "sum" or "none".
+        weight: optional [C] finite class weights of any sign (PyTorch semantics).
+        reduction: "mean" (sum of l_n over sum of w[y_n] of non-ignored rows; 0 only when that
+            sum is exactly 0), "sum" or "none".
         ignore_index: rows with this target contribute no loss and get zero gradient.
         label_smoothing: eps in [0, 1); the target mixes with the uniform distribution.
         lse_square_scale_for_zloss: s in [0, 1); z_n = s * lse_n^2 on non-ignored rows.
         return_zloss: return the z-loss (reduced like the loss; "mean" divides by the number of
             non-ignored rows). The z-loss is a separate output and is not added to ``loss``.
+        logit_scale, logit_softcap: the loss sees z = cap tanh(scale x / cap) (Gemma-style
+            softcap, cap = ``logit_softcap`` > 0) or z = scale x (cap 0) in place of the logits
+            x, applied inside the kernel pass; gradients are w.r.t. x. ``log_prob`` and
+            ``lse_for_zloss`` are those of z.
 
     Returns:
         (loss, log_prob, zloss, lse_for_zloss):
@@ -59,11 +76,12 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
     """
     api = "cross_entropy_loss"
     check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
+    check_logit_map(api, logit_softcap, logit_scale)
     soft = validate_logits_and_target(api, input, target, ignore_index)
     weight = class_weight(api, weight, input.shape[1])
     return dispatch.cross_entropy_loss(input, target, weight, reduction, ignore_index,
                                        label_smoothing, lse_square_scale_for_zloss, return_zloss,
-                                       soft)
+                                       soft, float(logit_scale), float(logit_softcap))
 
 
 def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss=None,

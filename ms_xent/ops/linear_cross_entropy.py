@@ -29,7 +29,7 @@ from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent._backends.linear_chunks import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
-                                    check_option_values, check_target_values)
+                                    check_logit_map, check_option_values, check_target_values)
 
 API = "linear_cross_entropy"
 MIB = 1 << 20
@@ -141,15 +141,7 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
 
 @constexpr
 def _check_transform(api, logit_softcap, logit_scale, reduction, return_per_token):
-    for name, value in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                or not np.isfinite(value):
-            raise TypeError(f"{api}: `{name}` must be a finite float, got {value!r}")
-    if logit_softcap < 0:
-        raise ValueError(f"{api}: `logit_softcap` must be >= 0 (0 disables it), got "
-                         f"{logit_softcap!r}")
-    if logit_scale == 0:
-        raise ValueError(f"{api}: `logit_scale` must be non-zero, got {logit_scale!r}")
+    check_logit_map(api, logit_softcap, logit_scale)
     if not isinstance(return_per_token, (bool, np.bool_)):
         raise TypeError(f"{api}: `return_per_token` must be a bool, got {return_per_token!r}")
     if return_per_token and reduction == "none":

@@ -3,8 +3,8 @@
 Static checks (ranks, shapes, dtypes, option values) run on shapes and dtypes, which are
 constants in both PyNative and GRAPH mode: they are ``constexpr`` functions, so in graph mode a
 bad argument fails at compile time with the same message. Checks that need tensor values
-(targets in range, non-negative weights) run only when executing eagerly; in graph mode the
-kernels check the targets themselves and never index with an out-of-range value.
+(targets in range, finite weights) run only when executing eagerly; in graph mode the
+kernels check the targets and the weights themselves and never index with an out-of-range value.
 """
 
 import numbers
@@ -107,10 +107,14 @@ def check_target_values(api, target, n_classes, ignore_index):
 
 
 def check_weight_values(api, weight):
-    """Eager-only: class weights are non-negative."""
-    values = weight.asnumpy().astype(np.float64)
-    if (values < 0).any():
-        raise ValueError(f"{api}: `weight` must be non-negative, got min {values.min()}")
+    """Eager-only: class weights are finite as float32 (any sign: PyTorch semantics). The kernels
+    refuse non-finite weights themselves in GRAPH mode."""
+    values = weight.astype(ms.float32).asnumpy()
+    bad = ~np.isfinite(values)
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{api}: `weight` must be finite, got {values[position]} at class "
+                         f"{position}")
 
 
 def class_weight(api, weight, n_classes):
@@ -121,6 +125,21 @@ def class_weight(api, weight, n_classes):
     if executing_eagerly():
         check_weight_values(api, weight)
     return weight.astype(ms.float32)
+
+
+@constexpr
+def check_logit_map(api, logit_softcap, logit_scale):
+    """``logit_softcap`` >= 0 (0: none) and ``logit_scale`` != 0, both finite Python numbers."""
+    for name, value in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(value):
+            raise TypeError(f"{api}: `{name}` must be a finite float, got {value!r}")
+    if logit_softcap < 0:
+        raise ValueError(f"{api}: `logit_softcap` must be >= 0 (0 disables it), got "
+                         f"{logit_softcap!r}")
+    if logit_scale == 0:
+        raise ValueError(f"{api}: `logit_scale` must be non-zero, got {logit_scale!r}")
+    return True
 
 
 def validate_logits_and_target(api, logits, target, ignore_index, logits_name="input"):

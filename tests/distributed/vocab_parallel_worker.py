@@ -47,6 +47,9 @@ class Case:
     index_dtype: str = "int64"
     # Classes per rank when the split is uneven (passed as vocab_start / num_classes).
     shards: Optional[Tuple[int, ...]] = None
+    # Rows that need the split log-sum-exp: row 2 confident (p = 1 - 1e-6 on the last class,
+    # another rank's than most of the mass of the others), row 3 offset by 1e6.
+    extreme: bool = False
 
 
 CASES = {
@@ -58,6 +61,7 @@ CASES = {
                         ignore_fraction=0.25, masked=True),
     "soft_targets": Case(seed=5, soft=True, weighted=True, label_smoothing=0.1, zloss=1e-3,
                          masked=True),
+    "confident_and_offset_rows": Case(seed=12, extreme=True, weighted=True, zloss=1e-3),
     "uneven_shards": Case(seed=6, n_classes=37, shards=(20, 17), weighted=True,
                           label_smoothing=0.1, zloss=1e-3, ignore_fraction=0.25),
     "bfloat16": Case(seed=7, dtype="bfloat16", weighted=True, label_smoothing=0.1, zloss=1e-3,
@@ -85,6 +89,12 @@ def make_inputs(case):
         target[rng.random(case.n_rows) < case.ignore_fraction] = IGNORE_INDEX
         target[0] = case.n_classes - 1  # the last class, owned by the last rank
         target[1] = 0
+    if case.extreme:
+        x[2] = (rng.standard_normal(case.n_classes) * 0.5).astype(np.float32)
+        others = np.exp(x[2, :-1].astype(np.float64)).sum()
+        x[2, -1] = np.float32(np.log(others * (1 - 1e-6) / 1e-6))
+        target[2] = case.n_classes - 1
+        x[3] += np.float32(1e6)
     weight = (rng.random(case.n_classes) + 0.25).astype(np.float32) if case.weighted else None
     mask = (rng.random(case.n_rows) < 0.7).astype(np.float32) if case.masked else np.ones(
         case.n_rows, np.float32)

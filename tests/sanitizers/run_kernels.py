@@ -18,7 +18,10 @@ test-only AotExtra (``fake_aot_extra.cc``, compiled only here).
 Inputs: targets out of range (C, beyond C, negative, int32 / int64 extremes), ignore_index
 -100 / -1 / a valid class / int64 min, logits +-inf, NaN, +-FLT_MAX, 1e38, denormals, rows that
 are -inf but for one entry, whole -inf rows, C = 1, C not a multiple of 16, C around the kernel
-block (2048), C > 65536, N = 0, odd N, N * C above the OpenMP threshold; BCE with any rank
+block (2048), C > 65536, N = 0, odd N, N * C above the OpenMP threshold, logit scale / softcap,
+weights of either sign, non-finite weights (refused: kWeightNotFinite), weights of 1e37 and
+1e-40; cross-entropy results against a float64 numpy reference (ce_reference: every output and
+option, and the accuracy goal at offsets up to 3e38 and p_y up to 1 - 1e-7); BCE with any rank
 (0 to 16, and 17: refused), zero-size dims, broadcast weight / pos_weight, logits -120 / +-inf /
 NaN; and malformed calls (wrong parameter counts, ranks, shapes, dtypes), which must return
 kBadArguments (1) without touching memory they do not own. A canary pass repeats the kernels on
@@ -205,16 +208,23 @@ class Kernels:
 
 # ---- cross-entropy -----------------------------------------------------------------------------
 
+WEIGHT_NOT_FINITE = 3
 CE_SHAPES = [(0, 5), (1, 1), (3, 1), (5, 15), (7, 16), (9, 17), (2, 33), (3, 2047), (1, 2048),
              (2, 2049), (1, 4097), (301, 131), (2, 70001)]
 CE_ATTRS = [
-    {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False},
-    {"ignore_index": -1, "label_smoothing": 0.1, "weighted": True},
-    {"ignore_index": 2, "label_smoothing": 0.5, "weighted": False},
-    {"ignore_index": -2 ** 63, "label_smoothing": 0.999, "weighted": True},
+    {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False, "logit_scale": 1.0,
+     "logit_softcap": 0.0},
+    {"ignore_index": -1, "label_smoothing": 0.1, "weighted": True, "logit_scale": 0.5,
+     "logit_softcap": 0.0},
+    {"ignore_index": 2, "label_smoothing": 0.5, "weighted": False, "logit_scale": 1.0,
+     "logit_softcap": 30.0},
+    {"ignore_index": -2 ** 63, "label_smoothing": 0.999, "weighted": True, "logit_scale": -2.0,
+     "logit_softcap": 5.0},
 ]
 LOGIT_PATTERNS = ("normal", "specials", "minus_inf_rows", "all_but_one_minus_inf", "extremes",
                   "denormal")
+# The optional last output of the forward kernels: suffix of the symbol, and the tensor.
+FORWARD_EXTRAS = {None: "", "log_prob": "LogProb", "int32": "Argmax", "int64": "Argmax"}
 
 
 def ce_logits(rng, pattern, n, c):
@@ -257,9 +267,66 @@ def ce_targets(rng, n, c, ignore_index, index_dtype, out_of_range):
 
 
 def ce_weight(rng, c):
+    """Class weights of either sign, some zero."""
     w = rng.random(c) + 0.25
     w[rng.random(c) < 0.3] = 0.0
+    w[rng.random(c) < 0.1] *= -1.0
     return w
+
+
+def hard_forward(kernels, dtype, x, t, w, attrs, expected=OK, extra=None, index_dtype="int64",
+                 what="", canary=False):
+    """XentHardForward[LogProb|Argmax]: dict of the outputs (float64 / int values)."""
+    n, c = x.shape
+    tensors = [Tensor(dtype, (n, c), x), Tensor(index_dtype, (n,), t), Tensor("float32", (c,), w)]
+    tensors += [Tensor("float32", (n,)) for _ in range(5)]
+    if extra == "log_prob":
+        tensors.append(Tensor(dtype, (n, c)))
+    elif extra is not None:
+        tensors.append(Tensor(extra, (n,)))
+    out = kernels.call("XentHardForward" + FORWARD_EXTRAS[extra], tensors, expected, attrs, what,
+                       canary)
+    names = ("loss", "lse", "row_weight", "row_max", "row_log_sum", "extra")
+    return dict(zip(names, out[3:]))
+
+
+def hard_backward(kernels, dtype, x, t, w, shift, row_grad, row_grad_lse, attrs, expected=OK,
+                  index_dtype="int64", what="", canary=False):
+    """XentHardBackward with shift = (shift_max, shift_log_sum): the gradient."""
+    n, c = x.shape
+    tensors = [Tensor(dtype, (n, c), x), Tensor(index_dtype, (n,), t), Tensor("float32", (c,), w),
+               Tensor("float32", (n,), shift[0]), Tensor("float32", (n,), shift[1]),
+               Tensor("float32", (n,), row_grad), Tensor("float32", (n,), row_grad_lse),
+               Tensor(dtype, (n, c))]
+    return kernels.call("XentHardBackward", tensors, expected, attrs, what, canary)[-1]
+
+
+def soft_forward(kernels, dtype, x, t, w, attrs, expected=OK, extra=None, what="", canary=False):
+    n, c = x.shape
+    tensors = [Tensor(dtype, (n, c), x), Tensor(dtype, (n, c), t), Tensor("float32", (c,), w)]
+    tensors += [Tensor("float32", (n,)) for _ in range(4)]
+    if extra == "log_prob":
+        tensors.append(Tensor(dtype, (n, c)))
+    elif extra is not None:
+        tensors.append(Tensor(extra, (n,)))
+    out = kernels.call("XentSoftForward" + FORWARD_EXTRAS[extra], tensors, expected, attrs, what,
+                       canary)
+    names = ("loss", "lse", "row_max", "row_log_sum", "extra")
+    return dict(zip(names, out[3:]))
+
+
+def soft_backward(kernels, dtype, x, t, w, shift, row_grad, row_grad_lse, attrs, expected=OK,
+                  with_target=False, what="", canary=False):
+    """XentSoftBackward[Target]: [grad] or [grad, grad_target]."""
+    n, c = x.shape
+    tensors = [Tensor(dtype, (n, c), x), Tensor(dtype, (n, c), t), Tensor("float32", (c,), w),
+               Tensor("float32", (n,), shift[0]), Tensor("float32", (n,), shift[1]),
+               Tensor("float32", (n,), row_grad), Tensor("float32", (n,), row_grad_lse),
+               Tensor(dtype, (n, c))]
+    if with_target:
+        tensors.append(Tensor(dtype, (n, c)))
+    symbol = "XentSoftBackwardTarget" if with_target else "XentSoftBackward"
+    return kernels.call(symbol, tensors, expected, attrs, what, canary)[7:]
 
 
 def run_cross_entropy(kernels, rng):
@@ -273,45 +340,34 @@ def run_cross_entropy(kernels, rng):
             x = ce_logits(rng, pattern, n, c)
             t, expected = ce_targets(rng, n, c, attrs["ignore_index"], index_dtype, out_of_range)
             w = ce_weight(rng, c)
-            hard_inputs = [Tensor(dtype, (n, c), x), Tensor(index_dtype, (n,), t),
-                           Tensor("float32", (c,), w)]
-            rows = [Tensor("float32", (n,)) for _ in range(3)]
-            outputs = kernels.call("XentHardForwardLogProb",
-                                   hard_inputs + rows + [Tensor(dtype, (n, c))], expected, attrs,
-                                   what)
-            lse, log_prob = outputs[4], outputs[6]
-            kernels.call("XentHardForward", hard_inputs + rows, expected, attrs, what)
+            common = dict(expected=expected, index_dtype=index_dtype, what=what)
+            forward = hard_forward(kernels, dtype, x, t, w, attrs, extra="log_prob", **common)
+            hard_forward(kernels, dtype, x, t, w, attrs, **common)
+            hard_forward(kernels, dtype, x, t, w, attrs, extra=index_dtype, **common)
             row_grad = rng.choice([0.0, 1.0, -0.5, np.nan, 3e38], n)
             row_grad_lse = rng.choice([0.0, 0.0, 0.25, -np.inf], n)
-            for source, shift in ((x, lse), (log_prob, np.zeros(n))):
-                kernels.call("XentHardBackward",
-                             [Tensor(dtype, (n, c), source), hard_inputs[1], hard_inputs[2],
-                              Tensor("float32", (n,), shift), Tensor("float32", (n,), row_grad),
-                              Tensor("float32", (n,), row_grad_lse), Tensor(dtype, (n, c))],
-                             expected, attrs, what + " backward")
+            for source, shift in ((x, (forward["row_max"], forward["row_log_sum"])),
+                                  (forward["extra"], (np.zeros(n), np.zeros(n)))):
+                hard_backward(kernels, dtype, source, t, w, shift, row_grad, row_grad_lse, attrs,
+                              **common)
             soft_t = rng.choice([0.0, 0.5, 1.0, 0.01, np.nan, -1.0, 2.0, np.inf], (n, c))
-            soft_inputs = [Tensor(dtype, (n, c), x), Tensor(dtype, (n, c), soft_t),
-                           Tensor("float32", (c,), w)]
-            outputs = kernels.call("XentSoftForwardLogProb",
-                                   soft_inputs + [Tensor("float32", (n,)), Tensor("float32", (n,)),
-                                                  Tensor(dtype, (n, c))], OK, attrs, what + " soft")
-            kernels.call("XentSoftForward",
-                         soft_inputs + [Tensor("float32", (n,)), Tensor("float32", (n,))], OK,
-                         attrs, what + " soft")
-            kernels.call("XentSoftBackward",
-                         soft_inputs + [Tensor("float32", (n,), outputs[4]),
-                                        Tensor("float32", (n,), row_grad),
-                                        Tensor("float32", (n,), row_grad_lse),
-                                        Tensor(dtype, (n, c))],
-                         OK, attrs, what + " soft backward")
+            soft = soft_forward(kernels, dtype, x, soft_t, w, attrs, extra="log_prob",
+                                what=what + " soft")
+            soft_forward(kernels, dtype, x, soft_t, w, attrs, what=what + " soft")
+            soft_forward(kernels, dtype, x, soft_t, w, attrs, extra="int64", what=what + " soft")
+            for with_target in (False, True):
+                soft_backward(kernels, dtype, x, soft_t, w, (soft["row_max"], soft["row_log_sum"]),
+                              row_grad, row_grad_lse, attrs, with_target=with_target,
+                              what=what + " soft backward")
     run_cross_entropy_canaries(kernels, rng)
     # Without an AotExtra (extra = NULL) the kernels use their default attributes.
     x = ce_logits(rng, "normal", 4, 19)
-    kernels.call("XentHardForward",
-                 [Tensor("float32", (4, 19), x), Tensor("int64", (4,), [0, -100, 18, 3]),
-                  Tensor("float32", (19,), np.ones(19))]
-                 + [Tensor("float32", (4,)) for _ in range(3)], OK, None, "default attributes")
+    hard_forward(kernels, "float32", x, np.array([0, -100, 18, 3]), np.ones(19), None,
+                 what="default attributes")
     run_cross_entropy_malformed(kernels)
+    run_cross_entropy_reference(kernels, rng)
+    run_cross_entropy_accuracy(kernels, rng)
+    run_cross_entropy_weights(kernels, rng)
 
 
 def check_finite(kernels, symbol, outputs, what):
@@ -327,35 +383,38 @@ def run_cross_entropy_canaries(kernels, rng):
     above 64 MiB (the backward's streaming stores, rows at every offset in a line), with and
     without class weights (bfloat16 takes a different store path without)."""
     shapes = [(3, 1), (2, 15), (2, 16), (2, 17), (5, 31), (2, 2047), (1, 2049), (301, 131)]
-    cases = [(dtype, shape, True) for dtype, shape in itertools.product(FLOAT_DTYPES, shapes)]
-    cases += [("float32", (1025, 16385), True), ("bfloat16", (2049, 16385), False),
-              ("bfloat16", (2049, 16385), True), ("float16", (2049, 16385), False)]
-    for dtype, (n, c), weighted in cases:
-        attrs = {"ignore_index": -100, "label_smoothing": 0.1, "weighted": weighted}
-        what = f"canary {dtype} N={n} C={c} weighted={weighted}"
+    cases = [(dtype, shape, True, number % len(CE_ATTRS))
+             for number, (dtype, shape) in enumerate(itertools.product(FLOAT_DTYPES, shapes))]
+    cases += [("float32", (1025, 16385), True, 0), ("bfloat16", (2049, 16385), False, 2),
+              ("bfloat16", (2049, 16385), True, 1), ("float16", (2049, 16385), False, 0)]
+    for dtype, (n, c), weighted, attrs_number in cases:
+        attrs = dict(CE_ATTRS[attrs_number], ignore_index=-100, weighted=weighted)
+        what = f"canary {dtype} N={n} C={c} {attrs}"
         x = rng.standard_normal((n, c)) * 3
         t = rng.integers(0, c, n)
         w = rng.random(c) + 0.25
-        inputs = [Tensor(dtype, (n, c), x), Tensor("int64", (n,), t), Tensor("float32", (c,), w)]
-        rows = [Tensor("float32", (n,)) for _ in range(3)]
-        out = kernels.call("XentHardForwardLogProb", inputs + rows + [Tensor(dtype, (n, c))], OK,
-                           attrs, what, canary=True)
-        check_finite(kernels, "XentHardForwardLogProb", out[3:], what)
-        row_grads = [Tensor("float32", (n,), out[4]), Tensor("float32", (n,), np.ones(n)),
-                     Tensor("float32", (n,), np.full(n, 0.5))]
-        out = kernels.call("XentHardBackward", inputs + row_grads + [Tensor(dtype, (n, c))], OK,
-                           attrs, what, canary=True)
-        check_finite(kernels, "XentHardBackward", out[-1:], what)
-        soft = rng.random((n, c))
-        soft_inputs = [inputs[0], Tensor(dtype, (n, c), soft / soft.sum(1, keepdims=True)),
-                       inputs[2]]
-        out = kernels.call("XentSoftForwardLogProb",
-                           soft_inputs + rows[:2] + [Tensor(dtype, (n, c))], OK, attrs, what,
+        out = hard_forward(kernels, dtype, x, t, w, attrs, extra="log_prob", what=what,
                            canary=True)
-        check_finite(kernels, "XentSoftForwardLogProb", out[3:], what)
-        out = kernels.call("XentSoftBackward", soft_inputs + row_grads + [Tensor(dtype, (n, c))],
-                           OK, attrs, what, canary=True)
-        check_finite(kernels, "XentSoftBackward", out[-1:], what)
+        check_finite(kernels, "XentHardForwardLogProb", list(out.values()), what)
+        out_argmax = hard_forward(kernels, dtype, x, t, w, attrs, extra="int32", what=what,
+                                  canary=True)
+        check_finite(kernels, "XentHardForwardArgmax", list(out_argmax.values()), what)
+        shift = (out["row_max"], out["row_log_sum"])
+        grad = hard_backward(kernels, dtype, x, t, w, shift, out["lse"], np.full(n, 0.5), attrs,
+                             what=what, canary=True)
+        check_finite(kernels, "XentHardBackward", [grad], what)
+        soft = rng.random((n, c))
+        soft /= soft.sum(1, keepdims=True)
+        out = soft_forward(kernels, dtype, x, soft, w, attrs, extra="log_prob", what=what,
+                           canary=True)
+        check_finite(kernels, "XentSoftForwardLogProb", list(out.values()), what)
+        out_argmax = soft_forward(kernels, dtype, x, soft, w, attrs, extra="int64", what=what,
+                                  canary=True)
+        check_finite(kernels, "XentSoftForwardArgmax", list(out_argmax.values()), what)
+        grads = soft_backward(kernels, dtype, x, soft, w, (out["row_max"], out["row_log_sum"]),
+                              np.ones(n), np.full(n, 0.5), attrs, with_target=True, what=what,
+                              canary=True)
+        check_finite(kernels, "XentSoftBackwardTarget", grads, what)
 
 
 def run_cross_entropy_malformed(kernels):
@@ -363,39 +422,248 @@ def run_cross_entropy_malformed(kernels):
     return kBadArguments without reading or writing outside what it was given."""
     attrs = CE_ATTRS[1]
     n, c = 3, 5
-
-    def forward(x_shape=(n, c), t=("int64", (n,)), w=(c,), dtype="float32", count=6):
-        tensors = [Tensor(dtype, x_shape), Tensor(t[0], t[1]), Tensor("float32", w),
-                   Tensor("float32", (n,)), Tensor("float32", (n,)), Tensor("float32", (n,)),
-                   Tensor(dtype, (n, c)), Tensor("float32", (n,))]
-        return tensors[:count]
-
-    def backward(shift=(n,), grad=(n, c), t=("int64", (n,)), dtype="float32", count=7):
-        tensors = [Tensor(dtype, (n, c)), Tensor(t[0], t[1]), Tensor("float32", (c,)),
-                   Tensor("float32", shift), Tensor("float32", (n,)), Tensor("float32", (n,)),
-                   Tensor(dtype, grad), Tensor("float32", (n,))]
-        return tensors[:count]
-
     f32 = "float32"
+
+    def forward(x_shape=(n, c), t=("int64", (n,)), w=(c,), dtype=f32, count=8, rows=(n,),
+                row_dtype=f32):
+        tensors = [Tensor(dtype, x_shape), Tensor(t[0], t[1]), Tensor(f32, w)]
+        tensors += [Tensor(row_dtype, rows)] + [Tensor(f32, (n,)) for _ in range(4)]
+        tensors += [Tensor(dtype, (n, c)), Tensor(f32, (n,))]
+        return tensors[:count]
+
+    def backward(shift=(n,), grad=(n, c), t=("int64", (n,)), dtype=f32, count=8, grad_dtype=None):
+        tensors = [Tensor(dtype, (n, c)), Tensor(t[0], t[1]), Tensor(f32, (c,)), Tensor(f32, shift)]
+        tensors += [Tensor(f32, (n,)) for _ in range(3)]
+        tensors += [Tensor(grad_dtype or dtype, grad), Tensor(f32, (n,))]
+        return tensors[:count]
+
     soft_inputs = [Tensor(f32, (n, c)), Tensor(f32, (n, c)), Tensor(f32, (c,))]
-    rows = [Tensor(f32, (n,)), Tensor(f32, (n,))]
-    cases = [("XentHardForward", forward(count=count)) for count in (0, 5, 8)]
+    rows = [Tensor(f32, (n,)) for _ in range(4)]
+    cases = [("XentHardForward", forward(count=count)) for count in (0, 7, 9)]
     cases += [("XentHardForward", forward(**changes)) for changes in (
         {"x_shape": (n * c,)}, {"x_shape": (1, n, c)}, {"t": ("int64", (n + 1,))},
         {"t": ("int64", (n, 1))}, {"t": ("float32", (n,))}, {"t": ("int8", (n,))},
-        {"w": (c + 1,)}, {"dtype": "float64"}, {"dtype": "int8"})]
+        {"w": (c + 1,)}, {"dtype": "float64"}, {"dtype": "int8"}, {"rows": (n + 1,)},
+        {"row_dtype": "float16"})]
+    cases += [("XentHardForwardLogProb", forward(count=8) + [Tensor(f32, (n, c + 1))]),
+              ("XentHardForwardLogProb", forward(count=8) + [Tensor("float16", (n, c))]),
+              ("XentHardForwardArgmax", forward(count=8) + [Tensor("float32", (n,))]),
+              ("XentHardForwardArgmax", forward(count=8) + [Tensor("int64", (n + 1,))]),
+              ("XentHardForwardArgmax", forward(count=8))]
     cases += [("XentHardBackward", backward(**changes)) for changes in (
-        {"count": 6}, {"count": 8}, {"shift": (n + 1,)}, {"grad": (n, c + 1)},
-        {"t": ("int16", (n,))}, {"dtype": "float64"})]
+        {"count": 7}, {"count": 9}, {"shift": (n + 1,)}, {"grad": (n, c + 1)},
+        {"t": ("int16", (n,))}, {"dtype": "float64"}, {"grad_dtype": "float16"})]
     cases += [
         ("XentSoftForward", [soft_inputs[0], Tensor("float16", (n, c)), soft_inputs[2]] + rows),
         ("XentSoftForward", [soft_inputs[0], Tensor(f32, (n, c + 1)), soft_inputs[2]] + rows),
-        ("XentSoftForward", soft_inputs + rows[:1]),
-        ("XentSoftBackward", soft_inputs + [Tensor(f32, (n,))] + rows + [Tensor(f32, (n + 1, c))]),
+        ("XentSoftForward", soft_inputs + rows[:3]),
+        ("XentSoftForwardArgmax", soft_inputs + rows + [Tensor("int16", (n,))]),
+        ("XentSoftBackward", soft_inputs + [Tensor(f32, (n,))] * 4 + [Tensor(f32, (n + 1, c))]),
+        ("XentSoftBackward", soft_inputs + [Tensor(f32, (n,))] * 3 + [Tensor(f32, (n, c))]),
+        ("XentSoftBackwardTarget", soft_inputs + [Tensor(f32, (n,))] * 4 + [Tensor(f32, (n, c))]),
+        ("XentSoftBackwardTarget", soft_inputs + [Tensor(f32, (n,))] * 4
+         + [Tensor(f32, (n, c)), Tensor("float16", (n, c))]),
     ]
     for symbol, tensors in cases:
         shapes = [(t.dtype, t.shape) for t in tensors]
         kernels.call(symbol, tensors, BAD_ARGUMENTS, attrs, f"malformed {shapes}")
+
+
+# ---- cross-entropy against a float64 reference --------------------------------------------------
+
+def ce_reference(x, target, weight, attrs, row_grad, row_grad_lse, soft=False):
+    """float64 numpy: per-row loss, lse, log_prob, argmax, and the gradients w.r.t. the logits and
+    (soft targets) the target, for upstream per-row gradients row_grad (of the loss) and
+    row_grad_lse (of lse)."""
+    attrs = attrs or {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False,
+                      "logit_scale": 1.0, "logit_softcap": 0.0}
+    scale, cap, eps = attrs["logit_scale"], attrs["logit_softcap"], attrs["label_smoothing"]
+    n, c = x.shape
+    z = scale * x
+    if cap > 0:
+        z = cap * np.tanh(z / cap)
+    slope = scale * (1 - (z / cap) ** 2) if cap > 0 else np.full_like(z, scale)
+    top = z.max(axis=1, keepdims=True)
+    log_p = (z - top) - np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+    lse = (z - log_p)[:, 0]
+    p = np.exp(log_p)
+    w = rounded_to("float32", weight) if attrs["weighted"] else np.ones(c)
+    b = row_grad_lse[:, None]
+    out = {"lse": lse, "log_prob": log_p, "argmax": z.argmax(axis=1)}
+    if soft:
+        v = w * ((1 - eps) * target + eps / c)
+        out["loss"] = -(v * log_p).sum(axis=1)
+        a = row_grad[:, None]
+        grad_z = a * (v.sum(axis=1, keepdims=True) * p - v) + b * p
+        out["grad_target"] = -a * (1 - eps) * w * log_p
+    else:
+        counted = target != attrs["ignore_index"]
+        y = np.where(counted, target, 0)
+        rows = np.arange(n)
+        out["loss"] = counted * (-(1 - eps) * w[y] * log_p[rows, y]
+                                 - eps / c * (w * log_p).sum(axis=1))
+        out["row_weight"] = counted * w[y]
+        a = (row_grad * counted)[:, None]
+        one_hot = np.zeros((n, c))
+        one_hot[rows, y] = 1.0
+        grad_z = a * ((1 - eps) * w[y][:, None] * (p - one_hot) + eps / c * (w.sum() * p - w))
+        grad_z += b * p
+    out["grad"] = grad_z * slope
+    return out
+
+
+def report_error(kernels, name, got, want, rtol, atol, what):
+    """Records a failure where |got - want| > atol + rtol |want| (NaN must match NaN)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    both_nan = np.isnan(got) & np.isnan(want)
+    with np.errstate(invalid="ignore"):
+        bad = ~both_nan & ~(np.abs(got - want) <= atol + rtol * np.abs(want))
+        bad &= ~(np.isinf(want) & (got == want))
+    if bad.any():
+        index = tuple(np.argwhere(bad)[0])
+        kernels.failures.append(f"{name}: {int(bad.sum())} values off, e.g. at {index}: "
+                                f"{got[index]!r} vs {want[index]!r} ({what})")
+
+
+# (rtol, atol relative to the largest gradient) per input dtype, for finite random rows.
+REFERENCE_TOLERANCE = {"float32": (2e-5, 2e-6), "float16": (2e-3, 2e-3), "bfloat16": (1.6e-2, 1.6e-2)}
+
+
+def run_cross_entropy_reference(kernels, rng):
+    """Every kernel and option (scale, softcap, smoothing, weights of either sign, soft targets,
+    argmax, log_prob, target gradient) against ce_reference on finite random rows."""
+    for number, (dtype, (n, c)) in enumerate(itertools.product(
+            FLOAT_DTYPES, [(5, 7), (3, 40), (4, 2049), (2, 5000)])):
+        for attrs in CE_ATTRS:
+            what = f"reference {dtype} N={n} C={c} {attrs}"
+            rtol, atol = REFERENCE_TOLERANCE[dtype]
+            x = rounded_to(dtype, rng.standard_normal((n, c)) * 4)
+            t = rng.integers(0, c, n)
+            t[rng.random(n) < 0.3] = attrs["ignore_index"] if attrs["ignore_index"] > -2**62 else 0
+            w = ce_weight(rng, c)
+            row_grad, row_grad_lse = rng.standard_normal(n), rng.standard_normal(n) * 0.1
+            want = ce_reference(x, t, w, attrs, row_grad, row_grad_lse)
+            got = hard_forward(kernels, dtype, x, t, w, attrs, extra="log_prob", what=what)
+            scale_loss = 1 + np.abs(want["loss"]).max()
+            report_error(kernels, "loss", got["loss"], want["loss"], rtol, atol * scale_loss, what)
+            report_error(kernels, "lse", got["lse"], want["lse"], rtol, atol, what)
+            report_error(kernels, "lse = row_max + row_log_sum", got["row_max"] + got["row_log_sum"],
+                         want["lse"], rtol, atol, what)
+            report_error(kernels, "row_weight", got["row_weight"], want["row_weight"], 0, 0, what)
+            report_error(kernels, "log_prob", got["extra"], want["log_prob"], rtol, atol * 10, what)
+            argmax = hard_forward(kernels, dtype, x, t, w, attrs, extra="int64", what=what)["extra"]
+            report_error(kernels, "argmax", argmax, want["argmax"], 0, 0, what)
+            shift = (got["row_max"], got["row_log_sum"])
+            grad = hard_backward(kernels, dtype, x, t, w, shift, row_grad, row_grad_lse, attrs,
+                                 what=what)
+            # With a softcap, dz/dx = s (1 - (z / cap)^2) loses digits where tanh saturates (as the
+            # tanh backward of every framework does): 10x the tolerance.
+            softcap_factor = 10 if attrs["logit_softcap"] > 0 else 1
+            peak = np.abs(want["grad"]).max()
+            report_error(kernels, "grad", grad, want["grad"], 0, atol * peak * softcap_factor,
+                         what)
+            soft_t = rng.random((n, c))
+            soft_t /= soft_t.sum(axis=1, keepdims=True)
+            soft_t = rounded_to(dtype, soft_t)
+            want = ce_reference(x, soft_t, w, attrs, row_grad, row_grad_lse, soft=True)
+            got = soft_forward(kernels, dtype, x, soft_t, w, attrs, extra="int32", what=what)
+            scale_loss = 1 + np.abs(want["loss"]).max()
+            report_error(kernels, "soft loss", got["loss"], want["loss"], rtol, atol * scale_loss,
+                         what)
+            report_error(kernels, "soft argmax", got["extra"], want["argmax"], 0, 0, what)
+            grads = soft_backward(kernels, dtype, x, soft_t, w, (got["row_max"], got["row_log_sum"]),
+                                  row_grad, row_grad_lse, attrs, with_target=True, what=what)
+            for name, value in (("soft grad", grads[0]), ("soft grad_target", grads[1])):
+                key = "grad" if name == "soft grad" else "grad_target"
+                peak = np.abs(want[key]).max()
+                report_error(kernels, name, value, want[key], rtol,
+                             atol * peak * softcap_factor, what)
+            # log-probabilities in, shift (0, 0): the gradient of cross_entropy_loss_grad.
+            plain = dict(attrs, logit_scale=1.0, logit_softcap=0.0)
+            log_p = rounded_to(dtype, want["log_prob"])
+            want = ce_reference(log_p, t, w, plain, row_grad, row_grad_lse)
+            grad = hard_backward(kernels, dtype, log_p, t, w, (np.zeros(n), np.zeros(n)),
+                                 row_grad, row_grad_lse, plain, what=what + " from log_prob")
+            report_error(kernels, "grad from log_prob", grad, want["grad"], 0,
+                         atol * np.abs(want["grad"]).max() * (1 + 50 * (dtype != "float32"))
+                         * softcap_factor, what + " from log_prob")
+
+
+def accuracy_rows(rng, c):
+    """(name, logits [1, C], target) rows where lse rounded to float32 loses the loss: constant
+    offsets up to 3e38 (all equal, and with noise), and confident rows p_y = 1 - q."""
+    cases = []
+    for offset in (0.0, 1e6, 1e30, 3e38):
+        cases.append((f"all {offset:g}", np.full((1, c), offset), 0))
+        noisy = np.float32(offset) + (rng.standard_normal((1, c)) * 3).astype(np.float32)
+        cases.append((f"{offset:g} + N(0, 3)", noisy.astype(np.float64), int(np.argmax(noisy))))
+    for q in (1e-4, 1e-5, 1e-6, 1e-7):
+        x = np.zeros((1, c))
+        x[0, 3] = np.float32(np.log((c - 1) * (1 - q) / q))
+        cases.append((f"p_y = 1 - {q:g}", x, 3))
+        x = (rng.standard_normal((1, c)) * 0.5).astype(np.float32).astype(np.float64)
+        x[0, 3] = np.float32(np.log(np.exp(np.delete(x[0], 3)).sum() * (1 - q) / q))
+        cases.append((f"p_y = 1 - {q:g}, noisy", x, 3))
+    return cases
+
+
+def run_cross_entropy_accuracy(kernels, rng):
+    """float32 logits: loss within 1e-5 relative and gradient within 1e-6 of the row's peak of
+    float64, for large common offsets and confident rows, with one and several blocks per row,
+    the target at the max or not, with and without smoothing / z-loss gradient."""
+    attrs = dict(CE_ATTRS[0])
+    for c in (10, 100, 5000):
+        for name, x, y in accuracy_rows(rng, c):
+            for eps, row_grad_lse in ((0.0, 0.0), (0.1, 0.0), (0.0, 1e-3)):
+                what = f"accuracy C={c} {name} eps={eps} b={row_grad_lse}"
+                case_attrs = dict(attrs, label_smoothing=eps)
+                t = np.array([y])
+                w = np.ones(c)
+                ones, b = np.ones(1), np.full(1, row_grad_lse)
+                want = ce_reference(x, t, w, case_attrs, ones, b)
+                got = hard_forward(kernels, "float32", x, t, w, case_attrs, what=what)
+                report_error(kernels, "accuracy loss", got["loss"], want["loss"], 1e-5, 0, what)
+                grad = hard_backward(kernels, "float32", x, t, w,
+                                     (got["row_max"], got["row_log_sum"]), ones, b, case_attrs,
+                                     what=what)
+                report_error(kernels, "accuracy grad", grad, want["grad"], 0,
+                             1e-6 * np.abs(want["grad"]).max(), what)
+
+
+def run_cross_entropy_weights(kernels, rng):
+    """Non-finite weights are refused by every kernel that reads them (kWeightNotFinite, also on
+    an untargeted class and with eps = 0); weights whose sum overflows float32 (1e37 each) and
+    denormal weights give finite, correct values."""
+    n, c = 4, 100
+    x = rng.standard_normal((n, c)) * 2
+    t = np.array([1, 2, 3, 4])
+    soft_t = np.full((n, c), 1.0 / c)
+    shift, ones = (np.zeros(n), np.zeros(n)), np.ones(n)
+    for bad in (np.inf, -np.inf, np.nan):
+        w = np.ones(c)
+        w[50] = bad
+        for eps in (0.0, 0.1):
+            attrs = dict(CE_ATTRS[1], label_smoothing=eps)
+            what = f"weight[50] = {bad} eps={eps}"
+            hard_forward(kernels, "float32", x, t, w, attrs, WEIGHT_NOT_FINITE, what=what)
+            hard_backward(kernels, "float32", x, t, w, shift, ones, ones, attrs, WEIGHT_NOT_FINITE,
+                          what=what)
+            soft_forward(kernels, "float32", x, soft_t, w, attrs, WEIGHT_NOT_FINITE, what=what)
+            soft_backward(kernels, "float32", x, soft_t, w, shift, ones, ones, attrs,
+                          WEIGHT_NOT_FINITE, with_target=True, what=what)
+    for w in (np.full(c, 1e37), np.full(c, 1e-40), np.where(np.arange(c) % 2, -1.0, 2.0)):
+        for eps in (0.0, 0.1):
+            attrs = dict(CE_ATTRS[1], label_smoothing=eps, logit_scale=1.0)
+            what = f"weights {w[:2]} eps={eps}"
+            got = hard_forward(kernels, "float32", x, t, w, attrs, what=what)
+            want = ce_reference(x, t, w, attrs, ones, ones * 0.5)
+            # Denormal weights: (eps/C) w[c] has few significant bits left.
+            rtol = 1e-2 if w[0] < 1e-38 and eps > 0 else 1e-5
+            report_error(kernels, "weighted loss", got["loss"], want["loss"], rtol, 0, what)
+            grad = hard_backward(kernels, "float32", x, t, w, (got["row_max"], got["row_log_sum"]),
+                                 ones, ones * 0.5, attrs, what=what)
+            report_error(kernels, "weighted grad", grad, want["grad"], 0,
+                         1e-6 * np.abs(want["grad"]).max(), what)
 
 
 # ---- binary cross-entropy with logits ----------------------------------------------------------

@@ -9,7 +9,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_xent._backends._mindspore import cached_primitive, counted_rows, total
-from ms_xent._backends._reductions import counted_lse, reduce_rows, upstream_per_row
+from ms_xent._backends._reductions import (counted_lse, loss_and_zloss, mean_weight,
+                                           upstream_per_row)
 from ms_xent._backends.cpu.bce_with_logits_op import BceWithLogitsForward
 from ms_xent._backends.cpu.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
 
@@ -23,56 +24,64 @@ def _kernel_weight(weight, n_classes):
     return weight, True
 
 
-def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft):
-    """float32 (loss_rows, lse, row_weight) [N], differentiable through loss_rows and lse."""
+def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, soft,
+                       logit_scale=1.0, logit_softcap=0.0, return_argmax=False):
+    """float32 (loss_rows, lse, row_weight) [N], differentiable through loss_rows and lse (and the
+    probability targets through loss_rows); with ``return_argmax`` also the row's argmax [N]
+    (dtype of the class indices; int64 for probability targets)."""
     weight, weighted = _kernel_weight(weight, logits.shape[1])
     forward = cached_primitive(CrossEntropyForward, ignore_index, label_smoothing, weighted, soft,
-                               False)
+                               "argmax" if return_argmax else None, logit_scale, logit_softcap)
     if soft:
-        loss_rows, lse = forward(logits, target.astype(logits.dtype), weight)
-        return loss_rows, lse, ops.ones_like(lse)
-    return forward(logits, target, weight)
+        outputs = forward(logits, target.astype(logits.dtype), weight)
+        rows = (outputs[0], outputs[1], ops.ones_like(outputs[1]))
+    else:
+        outputs = forward(logits, target, weight)
+        rows = (outputs[0], outputs[1], outputs[2])
+    return rows + (outputs[-1],) if return_argmax else rows
 
 
 def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
-                       lse_square_scale_for_zloss, return_zloss, soft):
-    """:func:`ms_xent.ops.cross_entropy_loss` by the forward kernel that also writes log_prob."""
+                       lse_square_scale_for_zloss, return_zloss, soft, logit_scale=1.0,
+                       logit_softcap=0.0):
+    """:func:`ms_xent.ops.cross_entropy_loss` by the forward kernel that also writes log_prob.
+
+    "mean" with class weights runs the kernel on w / D (:func:`mean_weight`), so that the loss is
+    the plain sum of the rows and its gradient never forms 1 / D."""
+    mean_nonzero = None
+    if weight is not None and reduction == "mean" and not soft:
+        weight, mean_nonzero = mean_weight(weight, target, ignore_index)
     weight, weighted = _kernel_weight(weight, input.shape[1])
     forward = cached_primitive(CrossEntropyForward, ignore_index, label_smoothing, weighted, soft,
-                               True)
+                               "log_prob", logit_scale, logit_softcap)
     if soft:
-        loss_rows, lse, log_prob = forward(input, target.astype(input.dtype), weight)
-        denominator = total(ops.ones_like(lse))
+        loss_rows, lse, _, _, log_prob = forward(input, target.astype(input.dtype), weight)
+        shares = ops.ones_like(lse)
     else:
-        loss_rows, lse, row_weight, log_prob = forward(input, target, weight)
-        denominator = total(row_weight)
-    loss = reduce_rows(loss_rows, reduction, denominator).astype(input.dtype)
-
-    zloss = ops.zeros((0,), input.dtype)
-    if return_zloss:
-        counted = ops.ones_like(lse, dtype=ms.bool_) if soft else counted_rows(target,
-                                                                               ignore_index)
-        kept_lse = counted_lse(counted, lse)
-        z_rows = lse_square_scale_for_zloss * kept_lse * kept_lse
-        zloss = reduce_rows(z_rows, reduction, total(counted.astype(F32))).astype(input.dtype)
-    lse_for_zloss = lse if lse_square_scale_for_zloss > 0 else ops.zeros((0,), F32)
+        loss_rows, lse, shares, _, _, log_prob = forward(input, target, weight)
+    loss, zloss, lse_for_zloss = loss_and_zloss(
+        loss_rows, lse, shares, mean_nonzero, input, target, reduction, ignore_index,
+        lse_square_scale_for_zloss, return_zloss, soft)
     return loss, log_prob, zloss, lse_for_zloss
 
 
 def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse_for_zloss,
                             reduction, ignore_index, label_smoothing, lse_square_scale_for_zloss,
                             soft):
-    """:func:`ms_xent.ops.cross_entropy_loss_grad` by the backward kernel with shift 0."""
-    weight, weighted = _kernel_weight(weight, log_prob.shape[1])
+    """:func:`ms_xent.ops.cross_entropy_loss_grad` by the backward kernel with shift (0, 0)."""
     if soft:
         counted = ops.ones((log_prob.shape[0],), ms.bool_)
-        denominator = total(counted.astype(F32))
     else:
         counted = counted_rows(target, ignore_index)
-        safe_target = ops.select(counted, target, ops.zeros_like(target))
-        denominator = total(ops.gather(weight, safe_target, 0) * counted.astype(F32))
     mask = counted.astype(F32)
-    row_grad = upstream_per_row(grad_loss, reduction, denominator, mask)
+    if weight is not None and reduction == "mean" and not soft:
+        weight, _ = mean_weight(weight, target, ignore_index)
+        row_grad = upstream_per_row(grad_loss, "sum", None, mask)
+    else:
+        denominator = total(mask) if weight is None or soft else total(
+            ops.gather(weight, ops.select(counted, target, ops.zeros_like(target)), 0) * mask)
+        row_grad = upstream_per_row(grad_loss, reduction, denominator, mask)
+    weight, weighted = _kernel_weight(weight, log_prob.shape[1])
 
     row_grad_lse = ops.zeros_like(mask)
     if grad_zloss is not None and lse_for_zloss is not None and lse_square_scale_for_zloss > 0:
@@ -84,7 +93,8 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse
     backward = cached_primitive(CrossEntropyBackward, ignore_index, label_smoothing, weighted, soft)
     if soft:
         target = target.astype(log_prob.dtype)
-    return backward(log_prob, target, weight, ops.zeros_like(mask), row_grad, row_grad_lse)
+    no_shift = ops.zeros_like(mask)
+    return backward(log_prob, target, weight, no_shift, no_shift, row_grad, row_grad_lse)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):  # pylint: disable=redefined-builtin
@@ -107,7 +117,7 @@ class RowKernels(nn.Cell):
 
     ``forward(logits, target, weight)`` -> (loss_rows, lse, row_weight, shift): ``shift`` is this
     backend's per-row state for the backward, a pair (row_max, log_sum) of float32 [N] with
-    lse = row_max + log_sum (the kernel reports lse alone: row_max = lse, log_sum = 0).
+    lse = row_max + log_sum (the kernels' split log-sum-exp).
     ``backward(logits, target, weight, shift, row_grad, row_grad_lse)`` -> grad [N, C] in the
     dtype of the logits: row_grad * dl_n/dx + row_grad_lse * softmax(x), zero rows where both are
     0 (and row_grad is ignored on ignored rows). ``weight`` is float32 [C] (ones when
@@ -125,9 +135,10 @@ class RowKernels(nn.Cell):
     def forward(self, logits, target, weight):
         outputs = self.rows_forward(logits, target, weight)
         lse = outputs[1]
-        row_weight = ops.ones_like(lse) if self.soft else outputs[2]
-        return outputs[0], lse, row_weight, (lse, self.zeros_like(lse))
+        if self.soft:
+            return outputs[0], lse, ops.ones_like(lse), (outputs[2], outputs[3])
+        return outputs[0], lse, outputs[2], (outputs[3], outputs[4])
 
     def backward(self, logits, target, weight, shift, row_grad, row_grad_lse):
-        return self.rows_backward(logits, target, weight, shift[0] + shift[1], row_grad,
+        return self.rows_backward(logits, target, weight, shift[0], shift[1], row_grad,
                                   row_grad_lse)
