@@ -34,6 +34,9 @@ from mindspore.communication import get_group_size, get_rank
 from mindspore.train import Callback, Model
 from tqdm import tqdm
 
+# First: registers the MsXent* names the configs use, and keeps MindFormers' import-time WARNINGs
+# off the console (in $LOG_MF_PATH/import_console.log).
+import ms_xent.mindformers  # noqa: F401  pylint: disable=unused-import
 from mindformers import MindFormerConfig, Trainer, build_context
 from mindformers.core.lr import build_lr
 from mindformers.core.optim import build_optim

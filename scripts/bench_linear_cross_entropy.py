@@ -27,7 +27,7 @@ and its gradients needed on top of the inputs (including the gradients themselve
 by MindSpore's pools). Then ``--repeats`` timed calls (after the first, untimed one): the time is
 their median; each call ends with a full synchronisation and frees its result.
 
-Targets (issue 8): peak extra memory <= 5% of the logits' size (N * V * itemsize) + the weight
+Targets: peak extra memory <= 5% of the logits' size (N * V * itemsize) + the weight
 gradient (V * H * 4, float32 accumulation), time <= 1.3 x ``unfused``.
 
 Safety: a subprocess whose RSS exceeds ``--mem-cap-gb`` (default: the available memory at launch
@@ -38,7 +38,7 @@ current directory: results (``results.md``, ``results.json``, ``logs/``) go to `
 
 Example::
 
-    python scripts/bench_linear_cross_entropy.py                       # the issue's 4 cases
+    python scripts/bench_linear_cross_entropy.py                       # the 4 reference cases
     python scripts/bench_linear_cross_entropy.py --shapes 1024x256x8000 --repeats 3
 """
 

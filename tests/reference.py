@@ -1,6 +1,6 @@
 """Shared oracles and tolerances for the test modules.
 
-- ``numpy_cross_entropy``: float64 numpy reference of SPEC sections 1-3 (loss, z-loss, gradient).
+- ``numpy_cross_entropy``: float64 numpy reference of docs/semantics.md (loss, z-loss, gradient).
 - ``torch_cross_entropy``: PyTorch ``F.cross_entropy`` in float64, z-loss added by hand.
 - ``TOLERANCE``: per-dtype (rtol, atol) for comparing ms_xent results with a float64 oracle.
 - ``to_ms`` / ``to_numpy``: move arrays in and out of MindSpore in a given dtype (bfloat16

@@ -1,5 +1,4 @@
-"""Two threads calling the fused kernels at the same time get the single-threaded results
-(issue 10, item 4).
+"""Two threads calling the fused kernels at the same time get the single-threaded results.
 
 What is tested: the production kernel library (``ms_xent._backends.cpu.build.kernel_library()``, the
 one every ops.Custom primitive runs) called from two Python threads at once through its C ABI,

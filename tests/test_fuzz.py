@@ -1,4 +1,4 @@
-"""Property / fuzz tests of the fused losses with hypothesis (issue 10, item 1).
+"""Property / fuzz tests of the fused losses with hypothesis.
 
 Property: every generated call either matches the float64 reference of ``tests/reference.py``
 (per-dtype TOLERANCE, widened only by the documented float32 limits below) or raises a

@@ -1,5 +1,5 @@
-"""Regression tests: one per failure that users of other fused / framework losses have hit
-(issue 10, item 3). Each test is named after the failure and cites where it was reported; each
+"""Regression tests: one per failure that users of other fused / framework losses have hit.
+Each test is named after the failure and cites where it was reported; each
 compares with an independent float64 oracle (numpy from tests/reference.py, or PyTorch).
 """
 
@@ -58,7 +58,7 @@ def case(n_rows, n_classes, seed, scale=3.0):
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_all_targets_ignored_mean_gives_zero_not_nan(mode, dtype_name):
     """pytorch/pytorch#70348, #75181, #116349: F.cross_entropy(reduction="mean") returns NaN
-    (0 / 0) when every target is ignore_index. Here: loss 0, z-loss 0, gradient exactly 0 (SPEC),
+    (0 / 0) when every target is ignore_index. Here: loss 0, z-loss 0, gradient exactly 0 (docs/semantics.md),
     with weights, label smoothing and z-loss on, for the op and for the CrossEntropyLoss Cell."""
     dtype = DTYPES[dtype_name]
     x, t, w = case(6, 11, seed=1)
@@ -283,7 +283,7 @@ def test_bf16_loss_is_accurate_not_quantised():
     - the CrossEntropyLoss Cell (float32 result, as MindFormers): a float32 sum of N terms is
       within N * 2^-24 = 2.4e-4 relative of the exact sum (worst case), 8x below one bf16
       rounding; the inputs below are chosen so that bf16 rounding would miss by more.
-    - the op's loss is returned in the input dtype (SPEC): it must be the float32 result rounded
+    - the op's loss is returned in the input dtype (docs/semantics.md): it must be the float32 result rounded
       once, within one bfloat16 ulp of the exact value."""
     rng = np.random.default_rng(3)
     n_rows, n_classes = 4096, 512

@@ -1,4 +1,4 @@
-"""The composed backend: cross-entropy and BCE-with-logits from MindSpore primitives (exact SPEC
+"""The composed backend: cross-entropy and BCE-with-logits from MindSpore primitives (exact
 semantics), for any device.
 
 It serves every call on a device without a better backend (GPU, and on Ascend what the vendor
@@ -16,7 +16,7 @@ Everything is computed in float32 and cast back to the input dtype at the end.
 - :func:`cross_entropy_loss` (the vendor-compatible op) reduces the rows of the same
   :class:`RowsCell` and returns log_prob = (x - m_n) - log_sum_n (not differentiable);
   :func:`cross_entropy_loss_grad`, whose input is ``log_prob`` rather than the logits, is the
-  closed form of SPEC section 2.
+  closed form of docs/semantics.md.
 
 Numerics (as the CPU kernels):
 - lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
@@ -273,7 +273,7 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight=None, grad_zloss
                             label_smoothing=0.0, lse_square_scale_for_zloss=0.0, soft=False):
     """Same contract as :func:`ms_xent.ops.cross_entropy_loss_grad` (arguments already validated).
 
-    With p = exp(log_prob), per row (SPEC section 2):
+    With p = exp(log_prob), per row (docs/semantics.md):
     class indices:  dl/dx = m ((1 - eps) w[y] (p - onehot(y)) + (eps / C) (W p - w)),
                     W = sum_c w[c]
     probabilities:  dl/dx = p sum_c w[c] t'[c] - w t'

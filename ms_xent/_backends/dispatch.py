@@ -164,7 +164,14 @@ def requested_backend():
 def use_backend(name):
     """Runs the calls traced inside the block on backend ``name`` ("auto", "cpu", "composed",
     "ascend"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs compiled inside the
-    block use it; a graph compiled before keeps its backend."""
+    block use it; a graph compiled before keeps its backend.
+
+    Args:
+        name: str, one of the values of ``MS_XENT_BACKEND`` (no default, case-insensitive);
+            another name raises ValueError naming ``use_backend``.
+
+    Example: ``with ms_xent.use_backend("composed"): loss = cross_entropy_loss(x, y)[0]``.
+    """
     _overrides.append(_checked_request(name, "use_backend"))
     try:
         yield

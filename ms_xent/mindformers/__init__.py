@@ -28,7 +28,10 @@ MindFormers writes its logs under ``./output/log`` and its module cache under ``
 ``LOG_MF_PATH`` / ``OM_MODULES_CACHE`` are set. Unless already set, this package points them into
 the ms_xent cache directory (``$MS_XENT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ms_xent``, else
 ``~/.cache/ms_xent``) before importing MindFormers; that only takes effect if MindFormers was not
-imported earlier.
+imported earlier. The console output of that import (MindFormers' and MindSpore's WARNINGs
+about optional packages and deprecated modules, nothing the user did) goes to
+``$LOG_MF_PATH/import_console.log``, and MindFormers' console records show the logger name
+``mindformers`` (see :mod:`ms_xent.mindformers._quiet_import`).
 """
 
 import os
@@ -46,6 +49,12 @@ def _set_mindformers_paths():
 _set_mindformers_paths()
 
 # pylint: disable=wrong-import-position
+from ms_xent.mindformers._quiet_import import console_to_log, name_mindformers_console_logger
+
+_IMPORT_LOG = os.path.join(os.path.expanduser(os.environ["LOG_MF_PATH"]), "import_console.log")
+with console_to_log(_IMPORT_LOG):
+    import mindformers  # noqa: F401
+from mindformers.tools.logger import get_logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ms_xent.nn.bce_with_logits_loss import BCEWithLogitsLoss
@@ -81,6 +90,7 @@ def register():
 
 
 register()
+name_mindformers_console_logger(get_logger())
 
 # Imported to register their classes.
 from ms_xent.mindformers import mcore_models, models, train_step  # noqa: E402,F401

@@ -40,9 +40,10 @@ class BCEWithLogitsLoss(nn.Cell):
     """Binary cross-entropy of logits with optional element and positive-class weights.
 
     Args:
-        weight: optional non-negative weights, any shape broadcastable to the labels.
-        pos_weight: optional non-negative positive-class weights, broadcastable to the labels
-            (a [C] vector weighs the classes of the last dim).
+        weight: optional non-negative weights (Tensor, array-like or number; default None: 1),
+            any shape broadcastable to the labels; stored as float32.
+        pos_weight: optional non-negative positive-class weights (default None: 1),
+            broadcastable to the labels (a [C] vector weighs the classes of the last dim).
         reduction: "mean" (default), "sum" or "none", or the integer codes 1, 2, 0.
 
     Inputs:
@@ -61,5 +62,16 @@ class BCEWithLogitsLoss(nn.Cell):
         self.pos_weight = _factor_tensor("pos_weight", pos_weight)
 
     def construct(self, logits, labels):
+        """The loss of ``logits`` against ``labels``.
+
+        Args:
+            logits: float16 / bfloat16 / float32 tensor of any shape.
+            labels: float tensor of the shape of ``logits``, values in [0, 1] (soft labels
+                allowed); cast to the dtype of ``logits`` if it differs.
+
+        Returns:
+            The loss in the dtype of ``logits``: 0-d for "mean" / "sum", the shape of ``logits``
+            for "none"; see :func:`ms_xent.ops.binary_cross_entropy_with_logits` for the formula.
+        """
         return binary_cross_entropy_with_logits(logits, labels, self.weight, self.pos_weight,
                                                 self.reduction)

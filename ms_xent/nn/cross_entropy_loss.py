@@ -23,7 +23,8 @@ from mindspore.parallel._utils import _get_parallel_mode
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
 from ms_xent._backends._mindspore import known, total
-from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
+from ms_xent.ops import vocab_parallel_cross_entropy_rows
+from ms_xent.ops._cross_entropy import cross_entropy_rows_for
 from ms_xent.ops.validation import (FLOAT_TYPES, check_ignore_index, check_logit_map,
                                     check_option_values)
 
@@ -113,35 +114,37 @@ class CrossEntropyLoss(nn.Cell):
     Args:
         parallel_config: data_parallel (dp) and model_parallel (mp) degrees: an
             ``OpParallelConfig``, ``TransformerOpParallelConfig``, ``MindFormerConfig``, a dict or
-            None (dp = mp = 1). Read by duck typing. How logits split over the vocabulary
-            (mp > 1) are handled is described under "Parallel paths" below.
-        check_for_nan_in_loss_and_grad: when True, a non-finite result raises RuntimeError in
-            PYNATIVE and in GRAPH mode (at the step that produced it, also inside
+            None (the default: dp = mp = 1). Read by duck typing. How logits split over the
+            vocabulary (mp > 1) are handled is described under "Parallel paths" below.
+        check_for_nan_in_loss_and_grad: bool, default False; when True, a non-finite result raises
+            RuntimeError in PYNATIVE and in GRAPH mode (at the step that produced it, also inside
             ``Model.train``), naming the quantity (loss, or numerator of the per-token loss), its
-            value, the rank (when communication is initialised), and how many rows had a
-            non-finite loss. In GRAPH mode MindSpore then refuses to run that compiled graph
-            again ("An error occurred in the previous step"): training stops, as it does with
-            MindFormers, whose 1.9.0 Cell accepts and ignores this argument and whose trainer
-            raises ValueError from a callback after the step. Checking the loss covers the
-            gradient w.r.t. the logits: it is the softmax times finite per-row factors, finite
-            whenever the loss is.
-        calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``,
-            float32, as MindFormers) instead of their ratio, so that gradient accumulation and
-            pipeline stages can sum before dividing. Needs reduction "mean".
-        seq_split_num: sequence pipeline split number; > 1 also returns
+            value, the rank (when communication is initialised), and how many rows had a non-finite
+            loss. In GRAPH mode MindSpore then refuses to run that compiled graph again ("An error
+            occurred in the previous step"): training stops, as it does with MindFormers, whose
+            1.9.0 Cell accepts and ignores this argument and whose trainer raises ValueError from a
+            callback after the step. Checking the loss covers the gradient w.r.t. the logits: it is
+            the softmax times finite per-row factors, finite whenever the loss is.
+        calculate_per_token_loss: bool, default False; return ``(numerator, denominator)`` (shapes
+            ``()`` and ``(1,)``, float32, as MindFormers) instead of their ratio, so that gradient
+            accumulation and pipeline stages can sum before dividing. Needs reduction "mean".
+        seq_split_num: int >= 1, default 1; sequence pipeline split number; > 1 also returns
             ``(numerator, denominator)``, as MindFormers does.
-        weight: optional non-negative class weights [C] (Tensor, numpy array or list).
+        weight: optional finite non-negative class weights [C] (Tensor, numpy array or list),
+            stored as float32; default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
-        label_smoothing: eps in [0, 1); the label mixes with the uniform distribution.
+        label_smoothing: float eps in [0, 1), default 0.0; the label mixes with the uniform
+            distribution.
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
-        reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
-            per-row values ``mask_n * r_n``, shape [N]).
+        reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none"
+            (the masked per-row values ``mask_n * r_n``, shape [N]).
         group: communication group of the model-parallel ranks (mp > 1 with explicit
-            collectives); default the world group, which must then have mp ranks.
-        logit_scale, logit_softcap: the loss sees cap * tanh(scale * logits / cap) (cap =
-            ``logit_softcap`` > 0, Gemma-style softcap) or scale * logits (cap 0), applied
-            inside the kernel pass, as in :func:`ms_xent.ops.cross_entropy_loss`. Not with
-            vocabulary-parallel logits (ValueError).
+            collectives); default None: the world group, which must then have mp ranks.
+        logit_scale, logit_softcap: floats, default 1.0 and 0.0 (no cap); the loss sees cap *
+            tanh(scale * logits / cap) (cap = ``logit_softcap`` > 0, Gemma-style softcap) or scale *
+            logits (cap 0), applied inside the kernel pass, as in
+            :func:`ms_xent.ops.cross_entropy_loss`. Not with vocabulary-parallel logits
+            (ValueError).
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
 
     Parallel paths (mp > 1), chosen at construction:
@@ -266,9 +269,9 @@ class CrossEntropyLoss(nn.Cell):
             return vocab_parallel_cross_entropy_rows(
                 logits, label, self.weight_shard, self.ignore_index, self.label_smoothing,
                 self.vocab_group, self.vocab_start, self.num_classes)
-        return cross_entropy_rows(logits, label, self.weight, self.ignore_index,
-                                  self.label_smoothing, api=API, logit_scale=self.logit_scale,
-                                  logit_softcap=self.logit_softcap)
+        return cross_entropy_rows_for(API, logits, label, self.weight, self.ignore_index,
+                                      self.label_smoothing, logit_scale=self.logit_scale,
+                                      logit_softcap=self.logit_softcap)
 
     # ---- end of parallel paths ------------------------------------------------------------------
 
@@ -280,7 +283,21 @@ class CrossEntropyLoss(nn.Cell):
         return loss_rows + self.zloss_scale * row_weight * safe_lse * safe_lse
 
     def construct(self, logits, label, input_mask=None):
-        """Returns the loss (see the class docstring for shapes)."""
+        """The masked loss of the class docstring.
+
+        Args:
+            logits: [..., C] float16 / bfloat16 / float32, flattened to [N, C] (on the
+                vocabulary-parallel path this rank's slice [..., C/mp]).
+            label: [...] int32 / int64 class indices (N entries), or float [..., C] class
+                probabilities (N * C entries).
+            input_mask: optional, default None (every row counts); N entries of any real or bool
+                dtype, 0 where the row does not count.
+
+        Returns:
+            float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+            denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
+            ``seq_split_num > 1``.
+        """
         n_rows, soft = _flat_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
                                     None if input_mask is None else input_mask.shape)
         n_classes = logits.shape[-1]

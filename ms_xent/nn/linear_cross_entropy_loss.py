@@ -38,22 +38,26 @@ class LinearCrossEntropyLoss(nn.Cell):
 
     Args:
         parallel_config: data_parallel / model_parallel degrees (an ``OpParallelConfig``-like
-            object, a dict or None). model_parallel > 1 (a vocabulary split across devices) raises
-            NotImplementedError: each device would normalise over its own slice of the vocabulary.
-        check_for_nan_in_loss_and_grad: when True a non-finite loss raises RuntimeError (PYNATIVE
-            and GRAPH mode), naming the quantity and its value.
-        calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``)
-            instead of their ratio, as MindFormers does; needs reduction "mean".
-        seq_split_num: > 1 also returns ``(numerator, denominator)``, as MindFormers does.
-        weight: optional non-negative class weights [V] (Tensor, numpy array or list).
+            object, a dict or None, the default: dp = mp = 1). model_parallel > 1 (a vocabulary
+            split across devices) raises NotImplementedError: each device would normalise over its
+            own slice of the vocabulary.
+        check_for_nan_in_loss_and_grad: bool, default False; when True a non-finite loss raises
+            RuntimeError (PYNATIVE and GRAPH mode), naming the quantity and its value.
+        calculate_per_token_loss: bool, default False; return ``(numerator, denominator)`` (shapes
+            ``()`` and ``(1,)``) instead of their ratio, as MindFormers does; needs reduction
+            "mean".
+        seq_split_num: int >= 1, default 1; > 1 also returns ``(numerator, denominator)``, as
+            MindFormers does.
+        weight: optional finite non-negative class weights [V] (Tensor, numpy array or list);
+            default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
-        label_smoothing: eps in [0, 1).
+        label_smoothing: float eps in [0, 1), default 0.0.
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
-        reduction: "mean" (above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
-            per-row values, [N]).
-        logit_softcap: cap >= 0 (0 disables the softcap).
-        logit_scale: non-zero factor applied to the logits before the softcap.
-        chunk_size: logits alive at once, in rows of V (None: automatic, see
+        reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none" (the
+            masked per-row values, [N]).
+        logit_softcap: float cap >= 0, default 0.0 (0 disables the softcap).
+        logit_scale: float, non-zero, default 1.0; factor applied to the logits before the softcap.
+        chunk_size: int, logits alive at once, in rows of V (default None: automatic, see
             :func:`ms_xent.ops.linear_cross_entropy`).
         **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
 
@@ -108,7 +112,21 @@ class LinearCrossEntropyLoss(nn.Cell):
                                f"input_mask, or an overflow.")
 
     def construct(self, hidden, weight, label, input_mask=None, bias=None):
-        """Returns the loss (see the class docstring for shapes)."""
+        """The masked loss of the class docstring for the logits ``hidden @ weight.T + bias``.
+
+        Args:
+            hidden: [..., H] float32 / bfloat16 / float16, flattened to [N, H].
+            weight: [V, H] lm_head weight (MindFormers' layout), dtype of ``hidden``.
+            label: [...] int32 / int64 class indices in [0, V) or ``ignore_index``, N entries.
+            input_mask: optional, default None (every row counts); N entries of any real or bool
+                dtype, 0 where the row does not count.
+            bias: optional [V] in the dtype of ``hidden``, default None (no bias).
+
+        Returns:
+            float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
+            denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
+            ``seq_split_num > 1``.
+        """
         n_hidden = hidden.shape[-1]
         if len(hidden.shape) != 2:
             hidden = hidden.reshape((-1, n_hidden))

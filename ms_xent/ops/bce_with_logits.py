@@ -1,4 +1,4 @@
-"""Functional API of the fused binary cross-entropy with logits (SPEC section 5)."""
+"""Functional API of the fused binary cross-entropy with logits (docs/semantics.md)."""
 
 import mindspore as ms
 
@@ -38,13 +38,13 @@ def binary_cross_entropy_with_logits(  # pylint: disable=redefined-builtin
         target: t, a float tensor of the shape of ``input`` with values in [0, 1] (soft targets
             allowed). Read in the dtype of ``input`` (cast if it differs); its gradient is
             returned in its own dtype.
-        weight: optional non-negative rescaling w of each element, any shape that broadcasts to
-            ``target`` (right-aligned dims, each 1 or equal).
-        pos_weight: optional non-negative weight pw of the positive term, any shape that
-            broadcasts to ``target``; a [C] tensor weighs the classes of the last dim, as in
-            PyTorch.
-        reduction: "none", "mean" (sum over the number of elements) or "sum"; or the vendor
-            op's integer codes 0 (none), 1 (mean), 2 (sum).
+        weight: optional non-negative rescaling w of each element (default None: 1), any shape that
+            broadcasts to ``target`` (right-aligned dims, each 1 or equal).
+        pos_weight: optional non-negative weight pw of the positive term (default None: 1), any
+            shape that broadcasts to ``target``; a [C] tensor weighs the classes of the last dim, as
+            in PyTorch.
+        reduction: "mean" (the default: sum over the number of elements), "sum" or "none"; or the
+            vendor op's integer codes 0 (none), 1 (mean), 2 (sum).
 
     Returns:
         The loss in the dtype of ``input``: the shape of ``input`` for "none", 0-d otherwise. The

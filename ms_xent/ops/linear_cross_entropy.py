@@ -287,22 +287,25 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
             same dtype as ``hidden``.
         target: [...] int32 / int64 class indices in [0, V) or ``ignore_index``, the leading shape
             of ``hidden``.
-        bias: optional [V] bias, same dtype as ``hidden``.
-        ignore_index: rows with this target contribute nothing (no loss, no gradient, not
-            counted in the "mean" denominators).
-        class_weight: optional [V] non-negative class weights (not differentiated).
-        label_smoothing: eps in [0, 1).
-        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
-        logit_softcap: cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``; 0 disables it.
-        logit_scale: non-zero factor applied to ``hidden @ weight.T + bias`` before the softcap.
-        reduction: "mean", "sum" or "none" ("none": the shape of ``target``).
-        input_mask: optional row weights of any real or bool dtype, the shape of ``target`` (0: the
-            row does not count; it multiplies the row's contribution and its share of the
-            denominators). Not differentiated.
-        return_per_token: return ``(numerator, denominator)`` = (sum_n r_n l_n + z part,
-            sum_n r_n rho_n) of the "mean" loss, so that gradient accumulation or pipeline stages
-            can sum before dividing (the z part is sum_n z_n times sum r rho / sum r m, so that
-            numerator / denominator is the "mean" loss). Only the numerator is differentiable.
+        bias: optional [V] bias, same dtype as ``hidden``; default None (no bias).
+        ignore_index: int, default -100; rows with this target contribute nothing (no loss, no
+            gradient, not counted in the "mean" denominators).
+        class_weight: optional [V] finite non-negative class weights (not differentiated); default
+            None (all 1).
+        label_smoothing: float eps in [0, 1), default 0.0.
+        lse_square_scale_for_zloss: z-loss scale s, default 0.0; the z-loss is added to the loss.
+        logit_softcap: float, default 0.0; cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``;
+            0 disables it.
+        logit_scale: float, default 1.0; non-zero factor applied to ``hidden @ weight.T + bias``
+            before the softcap.
+        reduction: "mean" (default), "sum" or "none" ("none": the shape of ``target``).
+        input_mask: optional (default None: all 1) row weights of any real or bool dtype, the shape
+            of ``target`` (0: the row does not count; it multiplies the row's contribution and its
+            share of the denominators). Not differentiated.
+        return_per_token: bool, default False; return ``(numerator, denominator)`` = (sum_n r_n l_n
+            + z part, sum_n r_n rho_n) of the "mean" loss, so that gradient accumulation or pipeline
+            stages can sum before dividing (the z part is sum_n z_n times sum r rho / sum r m, so
+            that numerator / denominator is the "mean" loss). Only the numerator is differentiable.
         chunk_size: how many logits are alive at once, as rows of V logits: None chooses it.
             CPU kernel: rows per block; automatically the block's buffers take 1/32 of the size of
             the full float32 logits, between 1 MiB and 256 MiB, at least 16 rows. Chunked path:
@@ -312,17 +315,17 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
             weight-gradient accumulation is split into vocabulary blocks whose [block, H] float32
             temporaries are at most a quarter of that and 32 MiB. Smaller chunks or blocks use
             less memory and run slower.
-        shift: causal-LM shift (Cut Cross-Entropy's ``shift``): the hidden state at position t of
-            a sequence (the last axis of ``target``) is scored against ``target`` at t + 1, and
-            ``input_mask`` at t + 1 applies to it; the last position of each sequence has no
-            label and is ignored (it counts nowhere). ``hidden`` is not copied: the targets (and
-            the mask) are shifted, as int64, and the last position's row is still computed and
-            discarded (1/T of the work). A 1-D ``target`` is one sequence.
-        return_z_loss: also return the z-loss part of the loss (already included in it),
-            reduced as the loss is ("none": per row; ``return_per_token``: its part of the
-            numerator), not differentiated (for logging).
-        return_lse: also return the per-row log-sum-exp of the logits (float32, the shape of
-            ``target``; computed for every row, ignored or not), not differentiated.
+        shift: bool, default False; causal-LM shift (Cut Cross-Entropy's ``shift``): the hidden
+            state at position t of a sequence (the last axis of ``target``) is scored against
+            ``target`` at t + 1, and ``input_mask`` at t + 1 applies to it; the last position of
+            each sequence has no label and is ignored (it counts nowhere). ``hidden`` is not copied:
+            the targets (and the mask) are shifted, as int64, and the last position's row is still
+            computed and discarded (1/T of the work). A 1-D ``target`` is one sequence.
+        return_z_loss: bool, default False; also return the z-loss part of the loss (already
+            included in it), reduced as the loss is ("none": per row; ``return_per_token``: its part
+            of the numerator), not differentiated (for logging).
+        return_lse: bool, default False; also return the per-row log-sum-exp of the logits (float32,
+            the shape of ``target``; computed for every row, ignored or not), not differentiated.
 
     Returns:
         float32: 0-d for "mean" / "sum", the shape of ``target`` for "none", or

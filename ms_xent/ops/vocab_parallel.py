@@ -76,14 +76,15 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
             [vocab_start, vocab_start + C_r) of the whole vocabulary of C classes.
         target: [N] int32/int64 class indices of the whole vocabulary (the same on every rank),
             or [N, C_r] float class probabilities for this rank's classes.
-        weight: optional [C_r] non-negative class weights of this rank's classes.
-        ignore_index, label_smoothing: as in :func:`ms_xent.ops.cross_entropy_rows` (the
-            smoothing spreads eps over all C classes).
+        weight: optional [C_r] finite class weights of this rank's classes; default None (all 1).
+        ignore_index: int, default -100, as in :func:`ms_xent.ops.cross_entropy_rows`.
+        label_smoothing: float eps in [0, 1), default 0.0 (the smoothing spreads eps over all C
+            classes).
         group: communication group of the ranks sharing these rows (the model-parallel group);
-            default the world group, or a single process when communication is not initialised.
-            On CPU MindSpore's collectives accept only the world group.
-        vocab_start: first class of this rank's slice; default rank * C_r.
-        num_classes: C; default world_size * C_r.
+            default None: the world group, or a single process when communication is not
+            initialised. On CPU MindSpore's collectives accept only the world group.
+        vocab_start: int, first class of this rank's slice; default None: rank * C_r.
+        num_classes: int C; default None: world_size * C_r.
 
     Returns:
         (loss_rows, lse, row_weight), float32 [N] each and the same on every rank: the values of

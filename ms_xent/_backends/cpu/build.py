@@ -55,7 +55,7 @@ MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "libms_xent_kernels.so"
 
 # -fno-trapping-math lets GCC vectorise the exp/select loops; -ffp-contract=fast allows FMA.
-# No -ffast-math: NaN and inf must propagate exactly as the SPEC says.
+# No -ffast-math: NaN and inf must propagate exactly as docs/semantics.md says.
 # -D_GLIBCXX_USE_CXX11_ABI=0: MindSpore passes std::string through AotExtra's virtual calls.
 BASE_FLAGS = [
     "-O3", "-std=gnu++17", "-fPIC", "-shared", "-fopenmp",
