@@ -7,13 +7,15 @@ and gradient as ``CrossEntropyLoss()(hidden @ weight.T + bias, label, input_mask
 gradient never exist.
 """
 
-from mindspore import log as logger
+import mindspore as ms
 from mindspore import nn, ops
+
+from ms_xent._backends._mindspore import reshape
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
 from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
-from ms_xent.ops.validation import check_ignore_index, check_option_values
+from ms_xent.ops.validation import check_ignore_index, check_keywords, check_option_values
 
 API = "LinearCrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -45,7 +47,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         calculate_per_token_loss: return ``(numerator, denominator)`` (shapes ``()`` and ``(1,)``)
             instead of their ratio, as MindFormers does; needs reduction "mean".
         seq_split_num: > 1 also returns ``(numerator, denominator)``, as MindFormers does.
-        weight: optional non-negative class weights [V] (Tensor, numpy array or list).
+        weight: optional finite class weights (any sign) [V] (Tensor, numpy array or list).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: eps in [0, 1).
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
@@ -55,7 +57,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         logit_scale: non-zero factor applied to the logits before the softcap.
         chunk_size: logits alive at once, in rows of V (None: automatic, see
             :func:`ms_xent.ops.linear_cross_entropy`).
-        **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+        **kwargs: any other keyword raises TypeError naming the closest parameter.
 
     Inputs:
         - **hidden** [..., H] float32 / bfloat16 / float16, flattened to [N, H].
@@ -98,8 +100,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         self.logit_softcap = float(logit_softcap)
         self.logit_scale = float(logit_scale)
         self.chunk_size = chunk_size
-        if kwargs:
-            logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
+        check_keywords(API, LinearCrossEntropyLoss.__init__, kwargs)
 
     def _raise_if_not_finite(self, value, what):
         if not ops.isfinite(value).all():
@@ -111,11 +112,11 @@ class LinearCrossEntropyLoss(nn.Cell):
         """Returns the loss (see the class docstring for shapes)."""
         n_hidden = hidden.shape[-1]
         if len(hidden.shape) != 2:
-            hidden = hidden.reshape((-1, n_hidden))
+            hidden = reshape(hidden, (-1, n_hidden))
         n_rows = hidden.shape[0]
         label = label.reshape((n_rows,))
         if input_mask is not None:
-            input_mask = input_mask.reshape((n_rows,))
+            input_mask = input_mask.astype(ms.float32).reshape((n_rows,))
         result = linear_cross_entropy_impl(
             API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
             self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,

@@ -29,7 +29,8 @@ from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent._backends.linear_chunks import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
-                                    check_logit_map, check_option_values, check_target_values)
+                                    check_logit_map, check_option_values, check_target_values,
+                                    check_tensors, check_weight_values, rank_of)
 
 API = "linear_cross_entropy"
 MIB = 1 << 20
@@ -65,12 +66,12 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
     """Static checks of ranks, shapes and dtypes (compile-time errors in GRAPH mode)."""
     if hidden_dtype not in FLOAT_TYPES:
         raise TypeError(f"{api}: `hidden` must be float16, bfloat16 or float32, got {hidden_dtype}")
-    if len(hidden_shape) != 2:
+    if rank_of(api, "hidden", hidden_shape) != 2:
         raise ValueError(f"{api}: `hidden` must be 2-D [N, H], got shape {tuple(hidden_shape)}")
     if weight_dtype != hidden_dtype:
         raise TypeError(f"{api}: `weight` must have the dtype of `hidden` ({hidden_dtype}), got "
                         f"{weight_dtype}")
-    if len(weight_shape) != 2:
+    if rank_of(api, "weight", weight_shape) != 2:
         raise ValueError(f"{api}: `weight` must be 2-D [V, H] (lm_head layout), got shape "
                          f"{tuple(weight_shape)}")
     n_rows, n_hidden = hidden_shape
@@ -87,24 +88,26 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
     if target_dtype not in INDEX_TYPES:
         raise TypeError(f"{api}: `target` must be int32 or int64 class indices, got "
                         f"{target_dtype}")
-    if tuple(target_shape) != (n_rows,):
+    if rank_of(api, "target", target_shape) != 1 or tuple(target_shape) != (n_rows,):
         raise ValueError(f"{api}: `target` must have shape ({n_rows},) (one class index per row "
                          f"of `hidden`), got {tuple(target_shape)}")
     if bias_shape is not None:
         if bias_dtype != hidden_dtype:
             raise TypeError(f"{api}: `bias` must have the dtype of `hidden` ({hidden_dtype}), got "
                             f"{bias_dtype}")
-        if tuple(bias_shape) != (n_vocab,):
+        if rank_of(api, "bias", bias_shape) != 1 or tuple(bias_shape) != (n_vocab,):
             raise ValueError(f"{api}: `bias` must have shape ({n_vocab},), got "
                              f"{tuple(bias_shape)}")
     if class_weight_shape is not None:
         if class_weight_dtype not in FLOAT_TYPES:
             raise TypeError(f"{api}: `class_weight` must be a float tensor, got "
                             f"{class_weight_dtype}")
-        if tuple(class_weight_shape) != (n_vocab,):
+        if (rank_of(api, "class_weight", class_weight_shape) != 1
+                or tuple(class_weight_shape) != (n_vocab,)):
             raise ValueError(f"{api}: `class_weight` must have shape ({n_vocab},) (one per class), "
                              f"got {tuple(class_weight_shape)}")
-    if mask_shape is not None and tuple(mask_shape) != (n_rows,):
+    if mask_shape is not None and (rank_of(api, "input_mask", mask_shape) != 1
+                                   or tuple(mask_shape) != (n_rows,)):
         raise ValueError(f"{api}: `input_mask` must have shape ({n_rows},), got "
                          f"{tuple(mask_shape)}")
     return True
@@ -185,14 +188,6 @@ def _linear_backend():
     return dispatch.linear_cross_entropy_backend(cpu_linear.onednn_library() is not None)
 
 
-def _check_class_weight_values(api, class_weight):
-    """Eager-only: class weights are finite and non-negative."""
-    values = class_weight.astype(ms.float32).asnumpy()
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"{api}: `class_weight` must be finite and non-negative, got min "
-                         f"{values.min()} and max {values.max()}")
-
-
 def _shape_or_none(tensor):
     return None if tensor is None else tensor.shape
 
@@ -253,7 +248,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
         bias: optional [V] bias, same dtype as ``hidden``.
         ignore_index: rows with this target contribute nothing (no loss, no gradient, not
             counted in the "mean" denominator).
-        class_weight: optional [V] non-negative class weights (not differentiated).
+        class_weight: optional [V] finite class weights of any sign (not differentiated).
         label_smoothing: eps in [0, 1).
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
         logit_softcap: cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``; 0 disables it.
@@ -283,7 +278,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, options, and (in
-        PYNATIVE mode) target values outside [0, V) or negative class weights. In GRAPH mode an
+        PYNATIVE mode) target values outside [0, V) or non-finite class weights. In GRAPH mode an
         out-of-range target makes the kernel raise RuntimeError at run time.
     """
     return linear_cross_entropy_impl(
@@ -298,6 +293,9 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
                               denominator_guard=0.0):
     """:func:`linear_cross_entropy` with the API name for error messages and a constant added to
     the "mean" denominator (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8)."""
+    if executing_eagerly():
+        check_tensors(api, ("hidden", "weight", "target", "bias", "class_weight", "input_mask"),
+                      (hidden, weight, target, bias, class_weight, input_mask))
     _check_inputs(api, hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape,
                   target.dtype, _shape_or_none(bias), _dtype_or_none(bias),
                   _shape_or_none(class_weight), _dtype_or_none(class_weight),
@@ -310,7 +308,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     if executing_eagerly():
         check_target_values(api, target, n_vocab, ignore_index)
         if class_weight is not None:
-            _check_class_weight_values(api, class_weight)
+            check_weight_values(api, class_weight, "class_weight")
 
     weighted = class_weight is not None
     class_weight = (class_weight.astype(ms.float32) if weighted

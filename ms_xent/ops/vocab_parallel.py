@@ -76,7 +76,7 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
             [vocab_start, vocab_start + C_r) of the whole vocabulary of C classes.
         target: [N] int32/int64 class indices of the whole vocabulary (the same on every rank),
             or [N, C_r] float class probabilities for this rank's classes.
-        weight: optional [C_r] non-negative class weights of this rank's classes.
+        weight: optional [C_r] finite class weights (any sign) of this rank's classes.
         ignore_index, label_smoothing: as in :func:`ms_xent.ops.cross_entropy_rows` (the
             smoothing spreads eps over all C classes).
         group: communication group of the ranks sharing these rows (the model-parallel group);
