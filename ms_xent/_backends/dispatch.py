@@ -271,7 +271,7 @@ def rows_backend():
 
 @constexpr
 def _bce_backend(input_shape, pos_weighted):
-    sizes = [static_size(dim) for dim in input_shape]
+    sizes = [-1] if input_shape is None else [static_size(dim) for dim in input_shape]
     n_elements = -1 if -1 in sizes else int(functools.reduce(lambda a, b: a * b, sizes, 1))
     return choose_bce_backend(device_target(), requested=requested_backend(),
                               n_elements=n_elements, pos_weighted=pos_weighted,
