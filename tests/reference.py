@@ -251,7 +251,7 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
     logits = softcap(scale * (hidden @ weight.T + bias)) (cap * tanh(z / cap); none when 0); per
     row v_n = mask_n * (l_n + s * rho_n * lse_n^2) with l_n from ``F.cross_entropy`` and
     rho_n = w[y_n] (0 for ignored rows). "none": v; "sum": sum v; "mean": sum v / D with
-    D = sum mask_n rho_n + guard (0 when D is 0); "per_token": (sum v, D).
+    D = sum mask_n rho_n + guard (any sign; 0 when D is exactly 0); "per_token": (sum v, D).
     Returns (loss, {"hidden", "weight", "bias"} gradients) of sum(upstream * loss) (upstream 1
     when None; for "per_token" it multiplies the numerator).
     """
@@ -284,7 +284,7 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
     elif reduction == "per_token":
         loss = values.sum()
     else:
-        loss = values.sum() / denominator if denominator > 0 else values.sum() * 0.0
+        loss = values.sum() / denominator if denominator != 0 else values.sum() * 0.0
     weights = torch.ones_like(loss) if upstream is None else as_torch(upstream).reshape(loss.shape)
     grads = torch.autograd.grad(loss, (h, w, b), weights)
     result = loss.detach().numpy()

@@ -21,11 +21,12 @@ from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
-from ms_xent._backends._mindspore import known, reshape, total
+from ms_xent._backends._mindspore import executing_eagerly, known, reshape, total
 from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, SUPPORTED_FLOATS,
                                     check_ignore_index, check_ignore_index_for_probabilities,
-                                    check_keywords, check_logit_map, check_option_values, rank_of)
+                                    check_keywords, check_logit_map, check_option_values,
+                                    check_tensors, rank_of)
 
 API = "CrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -285,6 +286,8 @@ class CrossEntropyLoss(nn.Cell):
 
     def construct(self, logits, label, input_mask=None):
         """Returns the loss (see the class docstring for shapes)."""
+        if executing_eagerly():
+            check_tensors(API, ("logits", "label", "input_mask"), (logits, label, input_mask))
         n_rows, soft = _flat_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
                                     None if input_mask is None else input_mask.shape)
         check_ignore_index_for_probabilities(API, self.ignore_index, soft)

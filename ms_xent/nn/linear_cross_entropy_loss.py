@@ -10,12 +10,13 @@ gradient never exist.
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import reshape
+from ms_xent._backends._mindspore import executing_eagerly, reshape
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
 from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
-from ms_xent.ops.validation import check_ignore_index, check_keywords, check_option_values
+from ms_xent.ops.validation import (check_ignore_index, check_keywords, check_option_values,
+                                    check_tensors)
 
 API = "LinearCrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -110,6 +111,9 @@ class LinearCrossEntropyLoss(nn.Cell):
 
     def construct(self, hidden, weight, label, input_mask=None, bias=None):
         """Returns the loss (see the class docstring for shapes)."""
+        if executing_eagerly():
+            check_tensors(API, ("hidden", "weight", "label", "input_mask", "bias"),
+                          (hidden, weight, label, input_mask, bias))
         n_hidden = hidden.shape[-1]
         if len(hidden.shape) != 2:
             hidden = reshape(hidden, (-1, n_hidden))
