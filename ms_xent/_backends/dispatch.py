@@ -42,7 +42,7 @@ condition                                backend                 reason
 =======================================  ======================  ===================================
 probability targets [N, C]               composed                vendor: class indices only
 class weights given                      composed                vendor documents weights in (0, 1];
-                                                                 ms_xent allows any w >= 0
+                                                                 ms_xent allows any finite w
 label_smoothing > 0                      composed                vendor gradient: 0.0 only
 z-loss (scale > 0, return_zloss, or a    composed                vendor: z-loss not enabled
 z-loss gradient)

@@ -1,10 +1,22 @@
-"""Argument checks shared by the functional APIs.
+"""Argument checks shared by the functional APIs and the Cells.
 
 Static checks (ranks, shapes, dtypes, option values) run on shapes and dtypes, which are
 constants in both PyNative and GRAPH mode: they are ``constexpr`` functions, so in graph mode a
 bad argument fails at compile time with the same message. Checks that need tensor values
-(targets in range, finite weights) run only when executing eagerly; in graph mode the
-kernels check the targets and the weights themselves and never index with an out-of-range value.
+(targets in range, finite weights) and the type of the arguments (a ``mindspore.Tensor``, not a
+numpy array or a list) run only when executing eagerly; in graph mode the CPU kernels check the
+targets and the weights themselves and never index with an out-of-range value. The composed
+backend has no such run-time check in GRAPH mode (MindSpore offers no in-graph assertion on
+CPU): there a non-finite class weight makes the results that use it inf / NaN, never a finite
+wrong value.
+
+A dynamic rank (``Tensor(shape=None)``; its shape is None at compile time) raises a clear error
+in the cross-entropy APIs, which lay the logits out as [N, C]; BCE is element-wise and runs.
+
+GRAPH mode: an argument error raised while a graph compiles (every static check above) makes
+MindSpore write ``rank_0/om/analyze_fail.ir`` into the working directory, as for any compile
+error; only the ``MS_OM_PATH`` environment variable moves it, and ms_xent does not change the
+user's environment. Errors raised eagerly (PyNative) write nothing.
 """
 
 import difflib
