@@ -625,6 +625,26 @@ def test_signed_class_weights_in_linear_cross_entropy(mode, backend):
     assert_close_to_peak(to_numpy(grad), want_grads["hidden"], ms.float32)
 
 
+@pytest.mark.parametrize("make", [
+    lambda w: CrossEntropyLoss(weight=w),
+    lambda w: LinearCrossEntropyLoss(weight=w),
+], ids=["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_cells_mean_with_a_zero_weight_sum_is_zero(backend, make):
+    """Weights of both signs summing to exactly 0 over the counted rows: "mean" is 0 with zero
+    gradient, not the numerator over MindFormers' 1e-8 guard."""
+    del backend
+    x = np.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]], np.float32)
+    target = np.array([0, 1])
+    weight = np.array([1.0, -1.0, 0.5], np.float32)
+    cell = make(weight)
+    if isinstance(cell, LinearCrossEntropyLoss):
+        inputs = (ms.Tensor(x), ms.Tensor(np.eye(3, dtype=np.float32)), ms.Tensor(target))
+    else:
+        inputs = (ms.Tensor(x), ms.Tensor(target))
+    loss, grad = ValueAndGrad(cell)(*inputs)
+    assert to_numpy(loss) == 0 and not to_numpy(grad).any()
+
+
 def test_signed_class_weights_in_vocab_parallel_rows(backend):
     """One process (no communication): the rows equal PyTorch's unreduced weighted losses."""
     del backend

@@ -21,7 +21,8 @@ from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
-from ms_xent._backends._mindspore import executing_eagerly, known, reshape, total
+from ms_xent._backends._mindspore import (executing_eagerly, known, reshape, safe_divide,
+                                          total)
 from ms_xent.ops import cross_entropy_rows, vocab_parallel_cross_entropy_rows
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, SUPPORTED_FLOATS,
                                     check_ignore_index, check_ignore_index_for_probabilities,
@@ -106,7 +107,8 @@ class CrossEntropyLoss(nn.Cell):
     :func:`ms_xent.ops.cross_entropy_loss` with reduction "none" and s is
     ``lse_square_scale_for_zloss``. Without class weights and ignored labels this is exactly
     MindFormers' ``sum(l * mask) / (sum(mask) + 1e-8)``; with weights it is PyTorch's weighted mean
-    restricted to the masked-in rows. The z-loss term of a row carries the row's weight, so that
+    restricted to the masked-in rows, divided by the exact weight sum (no 1e-8 guard: weights of
+    any sign may sum to 0, and then the loss is 0 with zero gradient). The z-loss term of a row carries the row's weight, so that
     loss and z-loss share one denominator (needed for the ``(numerator, denominator)`` output);
     without weights it is the plain masked mean of :math:`s\,\mathrm{lse}_n^2`.
 
@@ -313,8 +315,10 @@ class CrossEntropyLoss(nn.Cell):
         else:
             # total, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
             numerator = total(contributions)
-            denominator = total(counted) + self.guard
-            result = numerator if self.per_token_output else numerator / denominator
+            denominator = total(counted)
+            if self.weight is None:
+                denominator = denominator + self.guard
+            result = numerator if self.per_token_output else safe_divide(numerator, denominator)
 
         # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph
         # of the Custom kernel ("The prim is not a PrimitivePy").

@@ -35,7 +35,8 @@ class LinearCrossEntropyLoss(nn.Cell):
         \text{loss} = \frac{\sum_n \text{mask}_n (l_n + s\,\rho_n\,\mathrm{lse}_n^2)}
                            {\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
 
-    float32, shape ``(1,)``. The logits may be transformed first: ``logit_scale`` multiplies them
+    (with class weights the exact weight sum, without the 1e-8: weights of any sign may sum to 0,
+    and then the loss is 0 with zero gradient), float32, shape ``(1,)``. The logits may be transformed first: ``logit_scale`` multiplies them
     and ``logit_softcap`` > 0 applies ``cap * tanh(logits / cap)`` (Gemma), both inside the fused
     loop. Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are exact to float32 accumulation.
 
@@ -125,7 +126,7 @@ class LinearCrossEntropyLoss(nn.Cell):
             API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
             self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,
             self.reduction, input_mask, self.per_token_output, self.chunk_size,
-            DENOMINATOR_GUARD)
+            DENOMINATOR_GUARD if self.class_weight is None else 0.0)
         if self.reduction == "none":
             value, what = result, "per-row loss"
         elif self.per_token_output:
