@@ -315,7 +315,7 @@ class CrossEntropyLoss(nn.Cell):
         else:
             # total, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
             numerator = total(contributions)
-            denominator = total(counted)
+            denominator = total(counted).reshape((1,))
             if self.weight is None:
                 denominator = denominator + self.guard
             result = numerator if self.per_token_output else safe_divide(numerator, denominator)
