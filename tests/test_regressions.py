@@ -848,24 +848,3 @@ def test_second_order_and_jvp_of_the_cpu_kernels_raise_clearly(mode, loss):
             to_numpy(ms.grad(ms.grad(function))(ms.Tensor(x)))
         with pytest.raises(NotImplementedError, match=SECOND_ORDER):
             to_numpy(ms.jvp(function, ms.Tensor(x), ms.Tensor(np.ones_like(x)))[1])
-
-
-@pytest.mark.parametrize("loss", ["cross_entropy_loss", "binary_cross_entropy_with_logits"])
-def test_second_order_on_the_composed_backend_raises_in_pynative(loss):
-    """PYNATIVE differentiated the composed bprop into wrong values (the gradient of the row sums
-    of a cross-entropy gradient, identically 0, came out ~1e-2)."""
-    x, target = signed_weight_case()
-    target = ms.Tensor(np.maximum(target, 0))
-    probabilities = ms.Tensor(np.full(x.shape, 0.3, np.float32))
-
-    def function(a):
-        if loss == "cross_entropy_loss":
-            return cross_entropy_loss(a, target)[0]
-        return binary_cross_entropy_with_logits(a, probabilities)
-
-    with ms_xent.use_backend("composed"):
-        first = to_numpy(ms.grad(function)(ms.Tensor(x)))
-        assert np.isfinite(first).all() and first.any()
-        with pytest.raises(NotImplementedError, match="second-order differentiation .* is not "
-                                                      "supported"):
-            to_numpy(ms.grad(ms.grad(function))(ms.Tensor(x)))

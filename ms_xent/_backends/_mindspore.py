@@ -93,20 +93,6 @@ def safe_divide(numerator, denominator):
     return ops.select(nonzero, numerator / safe, ops.zeros_like(numerator))
 
 
-def second_order_error(api):
-    return NotImplementedError(
-        f"{api}: second-order differentiation (the gradient of a gradient) is not supported: its "
-        f"backward returns gradients computed by a fused kernel, not a differentiable graph")
-
-
-def check_first_order(api):
-    """PYNATIVE: raise in a Function's backward when that backward is itself being recorded
-    (the gradient of a gradient). MindSpore runs such a backward with recording on, and would
-    otherwise see gradients computed in the forward as constants: a silent zero."""
-    if gradients_recorded():
-        raise second_order_error(api)
-
-
 
 def log1p(u):
     """log(1 + u) to a few float32 ulp for every u >= -1, also where |u| << 1.

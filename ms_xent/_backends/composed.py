@@ -35,8 +35,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import (check_first_order, counted_rows,
-                                          executing_eagerly, expm1, log1p, total)
+from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
@@ -189,9 +188,6 @@ class RowsCell(RowKernels):
         return loss_rows, lse, row_weight, shift[0], shift[1]
 
     def bprop(self, logits, target, weight, out, dout):
-        if executing_eagerly():
-            # Differentiating this bprop (PYNATIVE second order) gave wrong values, silently.
-            check_first_order("ms_xent composed cross-entropy")
         # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
         x = logits.astype(F32)
         shift = (out[3], out[4])
@@ -365,8 +361,6 @@ class BceCell(nn.Cell):
         return (total(elements) / elements.size).astype(input.dtype)
 
     def bprop(self, input, target, weight, pos_weight, out, dout):  # pylint: disable=redefined-builtin
-        if executing_eagerly():
-            check_first_order("ms_xent composed binary_cross_entropy_with_logits")
         grad_input, grad_target = binary_cross_entropy_with_logits_grad(
             dout, input, target, weight, pos_weight, self.reduction)
         return grad_input, grad_target, weight * 0.0, pos_weight * 0.0
