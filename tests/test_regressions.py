@@ -813,16 +813,12 @@ def test_float64_probability_labels_name_the_supported_dtypes():
         CrossEntropyLoss()(ms.Tensor(x), ms.Tensor(np.full(x.shape, 0.2)))
 
 
-def test_bce_beyond_the_kernel_rank_names_the_limit(backend):
-    """Rank 17 was reported as a bad `weight` dtype by the kernel; the composed backend has no
-    such limit."""
+def test_bce_beyond_the_kernel_rank_names_the_limit():
+    """Rank 17 was reported by the CPU kernel as a bad `weight` dtype."""
     x = np.zeros([1] * 16 + [2], np.float32)
-    if backend == "cpu":
+    with ms_xent.use_backend("cpu"):
         with pytest.raises(ValueError, match="`input` has 17 dims; the CPU kernel takes at most 16"):
             binary_cross_entropy_with_logits(ms.Tensor(x), ms.Tensor(x))
-    else:
-        loss = binary_cross_entropy_with_logits(ms.Tensor(x), ms.Tensor(x))
-        np.testing.assert_allclose(to_numpy(loss), np.log(2.0), rtol=1e-6)
 
 
 # ---- second order and forward mode -------------------------------------------------------------

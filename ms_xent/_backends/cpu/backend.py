@@ -26,8 +26,7 @@ def check_kernel_rank(input_shape):
     is checked by the kernel at run time)."""
     if input_shape is not None and len(input_shape) > BCE_MAX_RANK:
         raise ValueError(f"binary_cross_entropy_with_logits: `input` has {len(input_shape)} dims; "
-                         f"the CPU kernel takes at most {BCE_MAX_RANK} (merge some dims first, "
-                         f"or use MS_XENT_BACKEND=composed)")
+                         f"the CPU kernel takes at most {BCE_MAX_RANK} (merge some dims first)")
     return True
 
 
