@@ -334,7 +334,8 @@ class LinearCrossEntropy {
         row[c] = (FastExp(xc - s.max) * k_scaled - l * ClassWeight(c)) * (1.0f - ratio * ratio);
       }
     } else {
-      WriteGradRow(row, V_, s.max, k_scaled, l, kWeighted ? class_weight_ : nullptr, row, false);
+      WriteGradRow(row, V_, s.max, s.log_sum, k, l, kWeighted ? class_weight_ : nullptr, row,
+                   false);
     }
     if (!counted) return;
     const double target_term =
