@@ -322,11 +322,11 @@ class LinearCrossEntropy {
     const float true_class = a * (1.0f - eps_) * w_y;
     const float k = true_class + a * smooth_ * total_weight_ + b;
     const float l = a * smooth_;
-    // p K = exp(x - M) * k exp(-L).
-    const float k_scaled = k * std::exp(-s.log_sum);
     const float cap = attrs_.logit_softcap;
     if (cap > 0.0f) {
       const float inv_cap = 1.0f / cap;
+      // p K = exp(x - M) * k exp(-L).
+      const float k_scaled = k * std::exp(-s.log_sum);
 #pragma omp simd
       for (int64_t c = 0; c < V_; ++c) {
         const float xc = row[c];
@@ -334,8 +334,7 @@ class LinearCrossEntropy {
         row[c] = (FastExp(xc - s.max) * k_scaled - l * ClassWeight(c)) * (1.0f - ratio * ratio);
       }
     } else {
-      WriteGradRow(row, V_, s.max, s.log_sum, k, l, kWeighted ? class_weight_ : nullptr, row,
-                   false);
+      WriteGradRow(row, V_, s.max, s.log_sum, k, l, kWeighted ? class_weight_ : nullptr, row, false);
     }
     if (!counted) return;
     const double target_term =
