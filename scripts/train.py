@@ -2,7 +2,8 @@
 
 With no arguments, trains the tiny Llama of configs/tiny_llama_ms_xent.yaml on CPU for 40 steps
 on an embedded generated corpus, prints a progress bar and one loss line per step, and exits 0
-when the last loss is lower than the first (1 otherwise, 2 on a config / device error).
+when the last loss is lower than the first (1 otherwise, 2 on a config / device error, e.g. a
+use_parallel config run without msrun).
 
     python scripts/train.py                                  # tiny Llama, Model.train route
     python scripts/train.py --route trainer                  # same, through mindformers.Trainer
@@ -52,6 +53,16 @@ def parse_args(argv):
     return args
 
 
+def launched_without_msrun(config_path):
+    """True for a ``use_parallel`` config run as a plain process: its workers need msrun's
+    scheduler (msrun sets MS_ROLE in every worker; a rank table file is the other launcher)."""
+    import yaml  # pylint: disable=import-outside-toplevel
+    with open(config_path, encoding="utf-8") as stream:
+        config = yaml.safe_load(stream) or {}
+    launched = os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE")
+    return bool(config.get("use_parallel")) and not launched
+
+
 def default_output_dir():
     """A fresh run directory under ~/.cache/ms_xent/runs."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -85,6 +96,10 @@ def summarize(result):
 def main(argv=None):
     args = parse_args(argv)
     config_path = args.config.resolve()
+    if launched_without_msrun(config_path):
+        print(f"error: {args.config} has use_parallel: True: this config needs msrun: use "
+              f"scripts/msrun_train.py --config {args.config}", file=sys.stderr)
+        return 2
     output_dir = (args.output_dir or default_output_dir()).resolve()
     redirect_outputs(output_dir)
     # pylint: disable=import-outside-toplevel

@@ -252,8 +252,8 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
     row the loss mask_n * l_n with l_n from ``F.cross_entropy`` and the z-loss
     z_n = s * mask_n * m_n * lse_n^2 (m_n = 1 for counted rows; times rho_n = w[y_n] when
     ``zloss_class_weighted``, the Cell's convention). "none": loss + z; "sum": sum of both;
-    "mean": sum loss / D + sum z / Dz with D = sum mask_n rho_n + guard and Dz = sum mask_n m_n
-    + guard (Dz = D when ``zloss_class_weighted``; a part is 0 when its denominator is 0);
+    "mean": sum loss / D + sum z / Dz with D = sum mask_n rho_n + guard (any sign) and Dz = sum mask_n m_n
+    + guard (Dz = D when ``zloss_class_weighted``; a part is 0 when its denominator is exactly 0);
     "per_token": (sum loss + sum z * D / Dz, D).
     Returns (loss, {"hidden", "weight", "bias"} gradients) of sum(upstream * loss) (upstream 1
     when None; for "per_token" it multiplies the numerator).
@@ -285,7 +285,7 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
     z_denominator = z_weight.sum() + guard
 
     def mean(values, total):
-        return values.sum() / total if total > 0 else values.sum() * 0.0
+        return values.sum() / total if total != 0 else values.sum() * 0.0
 
     if reduction == "none":
         loss = loss_rows + z_rows

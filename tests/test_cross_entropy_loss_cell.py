@@ -330,9 +330,20 @@ def test_parallel_config_is_read_by_duck_typing(config, expected):
     assert (cell.data_parallel, cell.model_parallel) == expected
 
 
-def test_unknown_keyword_arguments_are_kept_and_ignored():
-    cell = CrossEntropyLoss(monitor_local_loss=True)
-    assert cell.kwargs == {"monitor_local_loss": True}
+def test_misspelled_keyword_raises_with_the_closest_name():
+    """A misspelled option must not train without it (MindFormers passes only declared names)."""
+    with pytest.raises(TypeError, match="unexpected keyword argument `label_smothing`; did you "
+                                        "mean `label_smoothing`?"):
+        CrossEntropyLoss(label_smothing=0.1)
+
+
+def test_mindformers_keywords_are_accepted():
+    """The keywords MindFormers 1.9.0's models pass to their loss (llama.py, glm2.py) and the
+    trainer's check_for_nan_in_loss_and_grad."""
+    cell = CrossEntropyLoss(parallel_config=OpParallelConfig(data_parallel=1, model_parallel=1),
+                            calculate_per_token_loss=False, seq_split_num=1,
+                            check_for_nan_in_loss_and_grad=False)
+    assert cell.seq_split_num == 1
 
 
 BAD_CONSTRUCTION = [
@@ -340,7 +351,8 @@ BAD_CONSTRUCTION = [
     ("smoothing", {"label_smoothing": 1.0}, ValueError, "`label_smoothing` must be in"),
     ("zloss", {"lse_square_scale_for_zloss": -0.1}, ValueError, "`lse_square_scale_for_zloss`"),
     ("ignore-index", {"ignore_index": 1.5}, TypeError, "`ignore_index` must be an int"),
-    ("negative-weight", {"weight": [1.0, -1.0]}, ValueError, "`weight` entries must be finite"),
+    ("inf-weight", {"weight": [1.0, np.inf]}, ValueError,
+     "`weight` must be finite, got inf at class 1"),
     ("weight-2d", {"weight": [[1.0]]}, ValueError, "`weight` must be 1-D"),
     ("per-token-sum", {"calculate_per_token_loss": True, "reduction": "sum"}, ValueError,
      "needs reduction 'mean', got 'sum'"),

@@ -324,7 +324,7 @@ BAD_INPUTS = [
     ("weight_nan", dict(w=np.array([1, 1, np.nan], np.float32)), ValueError, "`weight` must be finite, got nan at class 2"),
     ("softcap_negative", dict(logit_softcap=-1.0), ValueError, "`logit_softcap` must be >= 0"),
     ("scale_zero", dict(logit_scale=0.0), ValueError, "`logit_scale` must be non-zero"),
-    ("weight_dtype", dict(w=np.ones(3, np.int32)), TypeError, "`weight` must be a float tensor"),
+    ("weight_dtype", dict(w=np.ones(3, np.int32)), TypeError, "`weight` must be float16, bfloat16 or float32"),
     ("reduction", dict(reduction="avg"), ValueError, "`reduction` must be one of"),
     ("smoothing_high", dict(label_smoothing=1.0), ValueError, r"`label_smoothing` must be in \[0, 1\)"),
     ("smoothing_negative", dict(label_smoothing=-0.1), ValueError, "`label_smoothing`"),

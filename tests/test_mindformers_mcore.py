@@ -373,3 +373,9 @@ def test_data_parallel_two_workers_match_a_single_process(tmp_path):
     np.testing.assert_allclose(single["loss"], single["mindformers_loss"], rtol=1e-6)
     np.testing.assert_allclose(single["weight_grad"], single["mindformers_weight_grad"],
                                rtol=1e-5, atol=1e-7)
+
+
+def test_class_weights_of_any_sign_are_accepted_and_non_finite_refused():
+    McoreCrossEntropyLoss(transformer_config(), weight=[1.0, -2.0, 0.5])
+    with pytest.raises(ValueError, match="`weight` must be finite, got inf at class 1"):
+        McoreCrossEntropyLoss(transformer_config(), weight=[1.0, np.inf, 0.5])

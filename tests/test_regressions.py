@@ -3,17 +3,23 @@ Each test is named after the failure and cites where it was reported; each
 compares with an independent float64 oracle (numpy from tests/reference.py, or PyTorch).
 """
 
+import re
+
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn, ops
 
+import ms_xent
+from ms_xent.nn import BCEWithLogitsLoss, LinearCrossEntropyLoss
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.ops import (binary_cross_entropy_with_logits, cross_entropy_loss,
-                         cross_entropy_loss_grad, cross_entropy_rows)
+                         cross_entropy_loss_grad, cross_entropy_rows, linear_cross_entropy,
+                         vocab_parallel_cross_entropy_rows)
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak,
                              numpy_cross_entropy, rounded, to_ms, to_numpy, torch_bce_with_logits,
-                             torch_cross_entropy)
+                             torch_cross_entropy, torch_linear_cross_entropy,
+                             torch_masked_cross_entropy)
 
 IGNORE = -100
 BF16_ULP_AT_ONE = 2.0 ** -7   # spacing of bfloat16 numbers in [1, 2)
@@ -561,3 +567,280 @@ def test_ignore_index_that_is_a_valid_class(ignore_index):
     assert np.any(grad[kept][:, ignore_index] != 0)  # the class stays in the softmax
     ref = numpy_cross_entropy(x[kept], t[kept], w, "mean", ignore_index, 0.1)
     assert_close(loss, ref["loss"], ms.float32, "loss vs kept rows only")
+
+
+# ---- robustness round 2: class weights of any sign in every entry point ------------------------
+
+SIGNED_WEIGHT = np.array([1.0, -3.0, 0.5, 2.0, -0.25], np.float32)
+
+
+def signed_weight_case():
+    """Rows whose counted target weights sum to -8.25 (PyTorch divides the "mean" by it)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    target = np.array([1, 1, 0, 4, 1, IGNORE], np.int64)
+    return x, target
+
+
+class ValueAndGrad(nn.Cell):
+    """(value, d value.sum() / d first input) of a loss Cell, in whatever mode is set."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+        self.grad = ms.grad(self.total)
+
+    def total(self, *inputs):
+        return self.loss(*inputs).sum()
+
+    def construct(self, *inputs):
+        return self.loss(*inputs), self.grad(*inputs)
+
+
+def test_signed_class_weights_in_the_cross_entropy_cell(mode, backend):
+    """Negative class weights were refused by the Cells (PyNative) although the op accepts them
+    (PyTorch semantics); "mean" divides by a negative weight sum."""
+    del mode, backend
+    x, target = signed_weight_case()
+    loss, grad = ValueAndGrad(CrossEntropyLoss(weight=SIGNED_WEIGHT))(ms.Tensor(x),
+                                                                      ms.Tensor(target))
+    want_loss, want_grad = torch_masked_cross_entropy(x, target, weight=SIGNED_WEIGHT)
+    assert abs(float(want_loss)) > 0.1
+    np.testing.assert_allclose(to_numpy(loss), want_loss, rtol=1e-5)
+    assert_close_to_peak(to_numpy(grad), want_grad, ms.float32)
+
+
+def test_signed_class_weights_in_linear_cross_entropy(mode, backend):
+    del mode, backend
+    x, target = signed_weight_case()
+    rng = np.random.default_rng(8)
+    hidden = rng.standard_normal((6, 4)).astype(np.float32)
+    weight = rng.standard_normal((5, 4)).astype(np.float32)
+    cell = LinearCrossEntropyLoss(weight=SIGNED_WEIGHT)
+    loss, grad = ValueAndGrad(cell)(ms.Tensor(hidden), ms.Tensor(weight), ms.Tensor(target))
+    want_loss, want_grads = torch_linear_cross_entropy(hidden, weight, target,
+                                                       class_weight=SIGNED_WEIGHT, guard=1e-8)
+    assert abs(float(want_loss)) > 0.1
+    np.testing.assert_allclose(to_numpy(loss), want_loss, rtol=1e-5)
+    assert_close_to_peak(to_numpy(grad), want_grads["hidden"], ms.float32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: CrossEntropyLoss(weight=w),
+    lambda w: LinearCrossEntropyLoss(weight=w),
+], ids=["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_cells_mean_with_a_zero_weight_sum_is_zero(backend, make):
+    """Weights of both signs summing to exactly 0 over the counted rows: "mean" is 0 with zero
+    gradient, not the numerator over MindFormers' 1e-8 guard."""
+    del backend
+    x = np.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]], np.float32)
+    target = np.array([0, 1])
+    weight = np.array([1.0, -1.0, 0.5], np.float32)
+    cell = make(weight)
+    if isinstance(cell, LinearCrossEntropyLoss):
+        inputs = (ms.Tensor(x), ms.Tensor(np.eye(3, dtype=np.float32)), ms.Tensor(target))
+    else:
+        inputs = (ms.Tensor(x), ms.Tensor(target))
+    loss, grad = ValueAndGrad(cell)(*inputs)
+    assert to_numpy(loss) == 0 and not to_numpy(grad).any()
+
+
+def test_signed_class_weights_in_vocab_parallel_rows(backend):
+    """One process (no communication): the rows equal PyTorch's unreduced weighted losses."""
+    del backend
+    x, target = signed_weight_case()
+    loss_rows, _, row_weight = vocab_parallel_cross_entropy_rows(
+        ms.Tensor(x), ms.Tensor(target), ms.Tensor(SIGNED_WEIGHT))
+    want_rows = torch_cross_entropy(x, target, SIGNED_WEIGHT, reduction="none")[0]
+    np.testing.assert_allclose(to_numpy(loss_rows), want_rows, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(to_numpy(row_weight), [-3, -3, 1, -0.25, -3, 0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: CrossEntropyLoss(weight=w),
+    lambda w: LinearCrossEntropyLoss(weight=w),
+], ids=["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_non_finite_class_weight_in_a_cell_is_refused_naming_weight(make, bad):
+    weight = SIGNED_WEIGHT.copy()
+    weight[2] = bad
+    with pytest.raises(ValueError, match=r"`weight` must be finite, got (inf|nan) at class 2"):
+        make(weight)
+
+
+# ---- probability targets with a class-index ignore_index ---------------------------------------
+
+class SoftLoss(nn.Cell):
+    def __init__(self, ignore_index):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def construct(self, x, target):
+        return cross_entropy_loss(x, target, ignore_index=self.ignore_index)[0]
+
+
+@pytest.mark.parametrize("ignore_index", [0, 3])
+def test_probability_target_with_a_class_ignore_index_raises(mode, ignore_index):
+    """PyTorch 2.13 raises "ignore_index is not supported for floating point target" for any
+    ignore_index >= 0; ms_xent accepted it silently."""
+    del mode
+    x, _ = signed_weight_case()
+    probabilities = ms.Tensor(np.full_like(x, 0.2))
+    message = rf"`ignore_index` \({ignore_index}\) does not apply to probability targets"
+    with pytest.raises(ValueError, match=message):
+        SoftLoss(ignore_index)(ms.Tensor(x), probabilities)
+    with pytest.raises(ValueError, match=message):
+        CrossEntropyLoss(ignore_index=ignore_index)(ms.Tensor(x), probabilities)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_probability_target_with_a_negative_ignore_index_follows_pytorch(mode, ignore_index):
+    del mode
+    x, _ = signed_weight_case()
+    probabilities = np.full_like(x, 0.2)
+    loss = SoftLoss(ignore_index)(ms.Tensor(x), ms.Tensor(probabilities))
+    want = torch_cross_entropy(x, probabilities, ignore_index=ignore_index)[0]
+    np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-6)
+
+
+# ---- bfloat16 with leading dims in GRAPH mode (MindSpore's CPU Reshape has no bf16 kernel) -----
+
+def test_bf16_logits_with_leading_dims_in_the_cells(mode, backend):
+    """[B, S, C] bfloat16 logits with class indices and with bfloat16 probability labels, and
+    [B, S, H] bfloat16 hidden states in the linear Cell, failed to compile in GRAPH mode."""
+    del mode, backend
+    rng = np.random.default_rng(9)
+    x = rounded(rng.standard_normal((2, 3, 7)) * 2, ms.bfloat16)
+    target = rng.integers(0, 7, (2, 3))
+    probabilities = rounded(rng.dirichlet(np.ones(7), (2, 3)), ms.bfloat16)
+    for label, label_dtype in ((target, ms.int32), (probabilities, ms.bfloat16)):
+        loss, grad = ValueAndGrad(CrossEntropyLoss())(to_ms(x, ms.bfloat16),
+                                                      to_ms(label, label_dtype))
+        flat_label = label.reshape(6) if label.ndim == 2 else label.reshape(6, 7)
+        want_loss, want_grad = torch_masked_cross_entropy(x.reshape(6, 7), flat_label)
+        assert_close(to_numpy(loss), want_loss, ms.bfloat16)
+        assert grad.shape == (2, 3, 7) and grad.dtype == ms.bfloat16
+        assert_close_to_peak(to_numpy(grad).reshape(6, 7), want_grad, ms.bfloat16)
+
+    hidden = rounded(rng.standard_normal((2, 3, 4)), ms.bfloat16)
+    weight = rounded(rng.standard_normal((7, 4)), ms.bfloat16)
+    loss, grad = ValueAndGrad(LinearCrossEntropyLoss())(
+        to_ms(hidden, ms.bfloat16), to_ms(weight, ms.bfloat16), ms.Tensor(target))
+    want_loss, want_grads = torch_linear_cross_entropy(hidden.reshape(6, 4), weight,
+                                                       target.reshape(6), guard=1e-8)
+    assert_close(to_numpy(loss), want_loss, ms.bfloat16)
+    assert grad.shape == (2, 3, 4)
+    assert_close_to_peak(to_numpy(grad).reshape(6, 4), want_grads["hidden"], ms.bfloat16)
+
+
+# ---- dynamic rank (Tensor(shape=None)) ---------------------------------------------------------
+
+class CrossEntropyOp(nn.Cell):
+    def construct(self, x, target):
+        return cross_entropy_loss(x, target)[0]
+
+
+class BceOp(nn.Cell):
+    def construct(self, x, target):
+        return binary_cross_entropy_with_logits(x, target)
+
+
+@pytest.mark.parametrize("make,name", [(CrossEntropyOp, "cross_entropy_loss: `input`"),
+                                       (CrossEntropyLoss, "CrossEntropyLoss: `logits`")],
+                         ids=["cross_entropy_loss", "CrossEntropyLoss"])
+def test_dynamic_rank_raises_a_clear_error(backend, make, name):
+    """The validators crashed with "object of type 'NoneType' has no len()"."""
+    del backend
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x, target = signed_weight_case()
+    cell = make()
+    cell.set_inputs(ms.Tensor(shape=None, dtype=ms.float32), ms.Tensor(shape=None,
+                                                                       dtype=ms.int64))
+    with pytest.raises(ValueError, match=re.escape(name) + " has a dynamic rank"):
+        cell(ms.Tensor(x), ms.Tensor(np.maximum(target, 0)))
+
+
+@pytest.mark.parametrize("make", [BceOp, BCEWithLogitsLoss], ids=["op", "Cell"])
+def test_dynamic_rank_bce_runs(backend, make):
+    """Element-wise: BCE needs no rank at compile time (MindSpore's own Cell runs too)."""
+    del backend
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x, _ = signed_weight_case()
+    target = np.random.default_rng(3).random(x.shape).astype(np.float32)
+    cell = make()
+    dynamic = ms.Tensor(shape=None, dtype=ms.float32)
+    cell.set_inputs(dynamic, dynamic)
+    loss = cell(ms.Tensor(x), ms.Tensor(target))
+    want = torch_bce_with_logits(x, target)[0]
+    np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-5)
+
+
+# ---- arguments that are not mindspore.Tensor ---------------------------------------------------
+
+def _calls():
+    x, target = signed_weight_case()
+    target = np.maximum(target, 0)
+    xt, tt = ms.Tensor(x), ms.Tensor(target)
+    return {
+        "cross_entropy_loss": lambda a: cross_entropy_loss(a, tt),
+        "cross_entropy_rows": lambda a: cross_entropy_rows(a, tt),
+        "cross_entropy_loss_grad": lambda a: cross_entropy_loss_grad(
+            ms.Tensor(np.float32(1)), a, tt),
+        "vocab_parallel_cross_entropy_rows": lambda a: vocab_parallel_cross_entropy_rows(a, tt),
+        "binary_cross_entropy_with_logits": lambda a: binary_cross_entropy_with_logits(a, xt),
+        "linear_cross_entropy": lambda a: linear_cross_entropy(a, ms.Tensor(x[:, :4]), tt),
+        "CrossEntropyLoss": lambda a: CrossEntropyLoss()(a, tt),
+        "LinearCrossEntropyLoss": lambda a: LinearCrossEntropyLoss()(a, ms.Tensor(x[:, :4]), tt),
+    }, x
+
+
+@pytest.mark.parametrize("api", list(_calls()[0]))
+@pytest.mark.parametrize("kind", ["numpy.ndarray", "list"])
+def test_non_tensor_argument_is_named_with_its_type(api, kind):
+    """A numpy float32 array was reported as "`input` must be float16, bfloat16 or float32, got
+    float32", a list as an AttributeError."""
+    calls, x = _calls()
+    value = x if kind == "numpy.ndarray" else x.tolist()
+    with pytest.raises(TypeError, match=rf"{api}: `\w+` must be a mindspore.Tensor, got "
+                                        rf"{re.escape(kind)}"):
+        calls[api](value)
+
+
+def test_float64_probability_labels_name_the_supported_dtypes():
+    x, _ = signed_weight_case()
+    with pytest.raises(TypeError, match="`label` must be int32 or int64 class indices or float16, "
+                                        "bfloat16 or float32 class probabilities, got Float64"):
+        CrossEntropyLoss()(ms.Tensor(x), ms.Tensor(np.full(x.shape, 0.2)))
+
+
+def test_bce_beyond_the_kernel_rank_names_the_limit():
+    """Rank 17 was reported by the CPU kernel as a bad `weight` dtype."""
+    x = np.zeros([1] * 16 + [2], np.float32)
+    with ms_xent.use_backend("cpu"):
+        with pytest.raises(ValueError, match="`input` has 17 dims; the CPU kernel takes at most 16"):
+            binary_cross_entropy_with_logits(ms.Tensor(x), ms.Tensor(x))
+
+
+# ---- second order and forward mode -------------------------------------------------------------
+
+SECOND_ORDER = "not differentiable: second-order differentiation"
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy_loss", "binary_cross_entropy_with_logits"])
+def test_second_order_and_jvp_of_the_cpu_kernels_raise_clearly(mode, loss):
+    """MindSpore's "bprop not defined ... please create an issue" became ms_xent's error."""
+    del mode
+    x, target = signed_weight_case()
+    target = ms.Tensor(np.maximum(target, 0))
+    probabilities = ms.Tensor(np.full(x.shape, 0.3, np.float32))
+
+    def function(a):
+        if loss == "cross_entropy_loss":
+            return cross_entropy_loss(a, target)[0]
+        return binary_cross_entropy_with_logits(a, probabilities)
+
+    with ms_xent.use_backend("cpu"):
+        with pytest.raises(NotImplementedError, match=SECOND_ORDER):
+            to_numpy(ms.grad(ms.grad(function))(ms.Tensor(x)))
+        with pytest.raises(NotImplementedError, match=SECOND_ORDER):
+            to_numpy(ms.jvp(function, ms.Tensor(x), ms.Tensor(np.ones_like(x)))[1])

@@ -62,3 +62,19 @@ def test_bench_linear_cross_entropy_reports_fused_and_unfused(tmp_path, dtype):
     assert {record["mode"] for record in records} == {"graph", "pynative_blocking"}
     for record in records:
         assert record["status"] == "ok", record
+
+
+def test_train_refuses_a_parallel_config_without_msrun(tmp_path):
+    """A use_parallel config run as a plain process exits 2 (not 1, which means "the loss did
+    not fall") with a pointer to msrun_train.py, and creates no run directory."""
+    output_dir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--config",
+         str(REPO / "configs" / "tiny_llama_ms_xent_dp2.yaml"), "--output-dir", str(output_dir)],
+        cwd=tmp_path, env={key: value for key, value in os.environ.items()
+                           if key not in ("MS_ROLE", "RANK_TABLE_FILE")},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "this config needs msrun: use scripts/msrun_train.py" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not output_dir.exists() and not list(tmp_path.iterdir())

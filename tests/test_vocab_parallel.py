@@ -256,10 +256,28 @@ def gathered(case, out_dir, name, mode, world_size=2):
     return result
 
 
+MINUS_INF_CASE = "minus_inf_target_slice"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(worker.MODES))
-@pytest.mark.parametrize("name", list(worker.CASES))
+@pytest.mark.parametrize("name", [name for name in worker.CASES if name != MINUS_INF_CASE])
 def test_two_ranks_match_single_process(distributed_results, name, mode):
     case = worker.CASES[name]
     result = gathered(case, distributed_results, name, mode)
     check_against_references(result, case, f"{name} ({mode}, 2 ranks, {case.layout})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(worker.MODES))
+def test_two_ranks_minus_inf_target_slice_gives_inf_as_a_single_device(distributed_results, mode):
+    """The target's logit and the owning rank's whole slice are -inf: the row's loss is +inf on
+    every rank, as on a single device, not NaN; the other rows are unaffected."""
+    case = worker.CASES[MINUS_INF_CASE]
+    result = gathered(case, distributed_results, MINUS_INF_CASE, mode)
+    single = single_process(case)
+    assert np.isposinf(result["loss_rows"][2]) and np.isposinf(single["loss_rows"][2])
+    others = np.arange(case.n_rows) != 2
+    np.testing.assert_allclose(result["loss_rows"][others], single["loss_rows"][others],
+                               rtol=1e-6)
+    np.testing.assert_allclose(result["lse"], single["lse"], rtol=1e-6)

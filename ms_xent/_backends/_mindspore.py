@@ -5,6 +5,7 @@ The backends and the functional layer import these instead of repeating them per
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 from mindspore.common import _Function
 from mindspore.graph.api import _pynative_executor
 from mindspore.ops._primitive_cache import _get_cache_prim, _is_need_compile
@@ -35,6 +36,24 @@ def executing_eagerly():
 
     MindSpore has no public predicate; ``_is_need_compile`` answers it for a plain function."""
     return not _is_need_compile(_placeholder)
+
+
+@constexpr
+def _on_cpu():
+    return ms.get_context("device_target") == "CPU"
+
+
+def reshape(tensor, shape):
+    """``tensor.reshape(shape)``, also for bfloat16 in GRAPH mode on CPU.
+
+    MindSpore 2.9's CPU Reshape has no bfloat16 kernel in GRAPH mode ("Select CPU
+    operator[Reshape] fail! Unsupported data type!"; flatten, view, mint.reshape and unbind + cat
+    fail alike, and there is no bit cast to int16). There a bfloat16 tensor is reshaped as float32
+    (both casts are exact) at the cost of a float32 copy, twice the tensor's size, alive during
+    the reshape. PyNative mode and other devices reshape bfloat16 directly."""
+    if tensor.dtype == ms.bfloat16 and _on_cpu() and not executing_eagerly():
+        return tensor.astype(F32).reshape(shape).astype(ms.bfloat16)
+    return tensor.reshape(shape)
 
 
 def gradients_recorded():

@@ -42,7 +42,7 @@ condition                                backend                 reason
 =======================================  ======================  ===================================
 probability targets [N, C]               composed                vendor: class indices only
 class weights given                      composed                vendor documents weights in (0, 1];
-                                                                 ms_xent allows any w >= 0
+                                                                 ms_xent allows any finite w
 label_smoothing > 0                      composed                vendor gradient: 0.0 only
 z-loss (scale > 0, return_zloss, or a    composed                vendor: z-loss not enabled
 z-loss gradient)
@@ -278,7 +278,7 @@ def rows_backend():
 
 @constexpr
 def _bce_backend(input_shape, pos_weighted):
-    sizes = [static_size(dim) for dim in input_shape]
+    sizes = [-1] if input_shape is None else [static_size(dim) for dim in input_shape]
     n_elements = -1 if -1 in sizes else int(functools.reduce(lambda a, b: a * b, sizes, 1))
     return choose_bce_backend(device_target(), requested=requested_backend(),
                               n_elements=n_elements, pos_weighted=pos_weighted,

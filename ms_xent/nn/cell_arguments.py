@@ -31,7 +31,8 @@ def parallel_degrees(parallel_config, api):
 
 
 def class_weight_tensor(weight, api):
-    """The class weights as a float32 [C] Tensor (None stays None); rejects negative entries."""
+    """The class weights as a float32 [C] Tensor (None stays None): finite, of any sign (PyTorch
+    semantics); a non-finite entry raises ValueError."""
     if weight is None:
         return None
     values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
@@ -39,9 +40,10 @@ def class_weight_tensor(weight, api):
     if values.ndim != 1:
         raise ValueError(f"{api}: `weight` must be 1-D (one entry per class), got shape "
                          f"{values.shape}")
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"{api}: `weight` entries must be finite and non-negative, got min "
-                         f"{values.min()} and max {values.max()}")
+    if not np.isfinite(values).all():
+        position = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(f"{api}: `weight` must be finite, got {values[position]} at class "
+                         f"{position}")
     return ms.Tensor(values)
 
 

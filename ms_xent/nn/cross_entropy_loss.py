@@ -13,7 +13,6 @@ MindFormers is not imported here; :mod:`ms_xent.mindformers` registers this Cell
 
 import numpy as np
 import mindspore as ms
-from mindspore import log as logger
 from mindspore import nn, ops
 from mindspore.communication import GlobalComm, get_group_size, get_rank
 from mindspore.context import ParallelMode
@@ -22,11 +21,14 @@ from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
-from ms_xent._backends._mindspore import known, total
+from ms_xent._backends._mindspore import (executing_eagerly, known, reshape, safe_divide,
+                                          total)
 from ms_xent.ops import vocab_parallel_cross_entropy_rows
 from ms_xent.ops._cross_entropy import cross_entropy_rows_for
-from ms_xent.ops.validation import (FLOAT_TYPES, check_ignore_index, check_logit_map,
-                                    check_option_values)
+from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, SUPPORTED_FLOATS,
+                                    check_ignore_index, check_ignore_index_for_probabilities,
+                                    check_keywords, check_logit_map, check_option_values,
+                                    check_tensors, rank_of)
 
 API = "CrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -47,12 +49,16 @@ def _product(dims):
 def _flat_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shape):
     """Checks the inputs; returns (N, soft) with N = -1 when it is only known at run time."""
     if logits_dtype not in FLOAT_TYPES:
-        raise TypeError(f"{API}: `logits` must be float16, bfloat16 or float32, got {logits_dtype}")
-    if len(logits_shape) < 2:
+        raise TypeError(f"{API}: `logits` must be {SUPPORTED_FLOATS}, got {logits_dtype}")
+    if rank_of(API, "logits", logits_shape) < 2:
         raise ValueError(f"{API}: `logits` must be [..., C] with at least 2 dims, got shape "
                          f"{tuple(logits_shape)}")
     n_rows, n_classes = _product(logits_shape[:-1]), logits_shape[-1]
+    rank_of(API, "label", label_shape)
     soft = label_dtype in FLOAT_TYPES
+    if not soft and label_dtype not in INDEX_TYPES:
+        raise TypeError(f"{API}: `label` must be int32 or int64 class indices or "
+                        f"{SUPPORTED_FLOATS} class probabilities, got {label_dtype}")
     if soft:
         if not label_shape or (known(label_shape[-1]) and known(n_classes)
                                and label_shape[-1] != n_classes):
@@ -66,6 +72,7 @@ def _flat_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shap
         raise ValueError(f"{API}: `label` must hold {kind} for the N = {n_rows} rows of `logits` "
                          f"{tuple(logits_shape)}, got shape {tuple(label_shape)}")
     if mask_shape is not None:
+        rank_of(API, "input_mask", mask_shape)
         mask_rows = _product(mask_shape)
         if known(n_rows) and known(mask_rows) and mask_rows != n_rows:
             raise ValueError(f"{API}: `input_mask` must have one entry per row of `logits` "
@@ -101,7 +108,8 @@ class CrossEntropyLoss(nn.Cell):
     :func:`ms_xent.ops.cross_entropy_loss` with reduction "none" and s is
     ``lse_square_scale_for_zloss``. Without class weights and ignored labels this is exactly
     MindFormers' ``sum(l * mask) / (sum(mask) + 1e-8)``; with weights it is PyTorch's weighted mean
-    restricted to the masked-in rows. The z-loss term of a row carries the row's weight, so that
+    restricted to the masked-in rows, divided by the exact weight sum (no 1e-8 guard: weights of
+    any sign may sum to 0, and then the loss is 0 with zero gradient). The z-loss term of a row carries the row's weight, so that
     loss and z-loss share one denominator (needed for the ``(numerator, denominator)`` output);
     without weights it is the plain masked mean of :math:`s\,\mathrm{lse}_n^2`.
 
@@ -130,7 +138,7 @@ class CrossEntropyLoss(nn.Cell):
             accumulation and pipeline stages can sum before dividing. Needs reduction "mean".
         seq_split_num: int >= 1, default 1; sequence pipeline split number; > 1 also returns
             ``(numerator, denominator)``, as MindFormers does.
-        weight: optional finite non-negative class weights [C] (Tensor, numpy array or list),
+        weight: optional finite class weights of any sign [C] (Tensor, numpy array or list),
             stored as float32; default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0; the label mixes with the uniform
@@ -145,7 +153,8 @@ class CrossEntropyLoss(nn.Cell):
             logits (cap 0), applied inside the kernel pass, as in
             :func:`ms_xent.ops.cross_entropy_loss`. Not with vocabulary-parallel logits
             (ValueError).
-        **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+        **kwargs: any other keyword raises TypeError naming the closest parameter (a misspelled
+            option would otherwise train without it).
 
     Parallel paths (mp > 1), chosen at construction:
 
@@ -201,9 +210,7 @@ class CrossEntropyLoss(nn.Cell):
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)
         self.reduction = reduction
-        self.kwargs = kwargs
-        if kwargs:
-            logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
+        check_keywords(API, CrossEntropyLoss.__init__, kwargs)
         self.guard = ms.Tensor(np.array([DENOMINATOR_GUARD], np.float32))
         self._setup_parallel(group)
 
@@ -298,18 +305,21 @@ class CrossEntropyLoss(nn.Cell):
             denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
             ``seq_split_num > 1``.
         """
+        if executing_eagerly():
+            check_tensors(API, ("logits", "label", "input_mask"), (logits, label, input_mask))
         n_rows, soft = _flat_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
                                     None if input_mask is None else input_mask.shape)
+        check_ignore_index_for_probabilities(API, self.ignore_index, soft)
         n_classes = logits.shape[-1]
         if len(logits.shape) != 2:
-            logits = logits.reshape((n_rows, n_classes))
+            logits = reshape(logits, (n_rows, n_classes))
         if len(label.shape) != (2 if soft else 1):
-            label = label.reshape((n_rows, n_classes) if soft else (n_rows,))
+            label = reshape(label, (n_rows, n_classes) if soft else (n_rows,))
 
         loss_rows, lse, row_weight = self._row_losses(logits, label)
         # As MindFormers: the rows are multiplied by the mask (a masked-out row with non-finite
         # logits still makes the loss NaN); their gradient is exactly 0.
-        mask = None if input_mask is None else input_mask.reshape((n_rows,)).astype(ms.float32)
+        mask = None if input_mask is None else input_mask.astype(ms.float32).reshape((n_rows,))
         counted = row_weight if mask is None else row_weight * mask
         if self.zloss_scale > 0:
             loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
@@ -322,8 +332,10 @@ class CrossEntropyLoss(nn.Cell):
         else:
             # total, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
             numerator = total(contributions)
-            denominator = total(counted) + self.guard
-            result = numerator if self.per_token_output else numerator / denominator
+            denominator = total(counted).reshape((1,))
+            if self.weight is None:
+                denominator = denominator + self.guard
+            result = numerator if self.per_token_output else safe_divide(numerator, denominator)
 
         # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph
         # of the Custom kernel ("The prim is not a PrimitivePy").

@@ -7,13 +7,16 @@ and gradient as ``CrossEntropyLoss()(hidden @ weight.T + bias, label, input_mask
 gradient never exist.
 """
 
-from mindspore import log as logger
+import mindspore as ms
 from mindspore import nn, ops
+
+from ms_xent._backends._mindspore import executing_eagerly, reshape
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
 from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
-from ms_xent.ops.validation import check_ignore_index, check_option_values
+from ms_xent.ops.validation import (check_ignore_index, check_keywords, check_option_values,
+                                    check_tensors)
 
 API = "LinearCrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -32,7 +35,8 @@ class LinearCrossEntropyLoss(nn.Cell):
         \text{loss} = \frac{\sum_n \text{mask}_n (l_n + s\,\rho_n\,\mathrm{lse}_n^2)}
                            {\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
 
-    float32, shape ``(1,)``. The logits may be transformed first: ``logit_scale`` multiplies them
+    (with class weights the exact weight sum, without the 1e-8: weights of any sign may sum to 0,
+    and then the loss is 0 with zero gradient), float32, shape ``(1,)``. The logits may be transformed first: ``logit_scale`` multiplies them
     and ``logit_softcap`` > 0 applies ``cap * tanh(logits / cap)`` (Gemma), both inside the fused
     loop. Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are exact to float32 accumulation.
 
@@ -48,7 +52,7 @@ class LinearCrossEntropyLoss(nn.Cell):
             "mean".
         seq_split_num: int >= 1, default 1; > 1 also returns ``(numerator, denominator)``, as
             MindFormers does.
-        weight: optional finite non-negative class weights [V] (Tensor, numpy array or list);
+        weight: optional finite class weights of any sign [V] (Tensor, numpy array or list);
             default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0.
@@ -59,7 +63,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         logit_scale: float, non-zero, default 1.0; factor applied to the logits before the softcap.
         chunk_size: int, logits alive at once, in rows of V (default None: automatic, see
             :func:`ms_xent.ops.linear_cross_entropy`).
-        **kwargs: accepted for MindFormers compatibility and ignored, with a warning naming them.
+        **kwargs: any other keyword raises TypeError naming the closest parameter.
 
     Inputs:
         - **hidden** [..., H] float32 / bfloat16 / float16, flattened to [N, H].
@@ -102,8 +106,7 @@ class LinearCrossEntropyLoss(nn.Cell):
         self.logit_softcap = float(logit_softcap)
         self.logit_scale = float(logit_scale)
         self.chunk_size = chunk_size
-        if kwargs:
-            logger.warning(f"{API}: ignoring unsupported arguments {sorted(kwargs)}")
+        check_keywords(API, LinearCrossEntropyLoss.__init__, kwargs)
 
     def _raise_if_not_finite(self, value, what):
         if not ops.isfinite(value).all():
@@ -127,18 +130,21 @@ class LinearCrossEntropyLoss(nn.Cell):
             denominator)`` (shapes ``()`` and ``(1,)``) with ``calculate_per_token_loss`` or
             ``seq_split_num > 1``.
         """
+        if executing_eagerly():
+            check_tensors(API, ("hidden", "weight", "label", "input_mask", "bias"),
+                          (hidden, weight, label, input_mask, bias))
         n_hidden = hidden.shape[-1]
         if len(hidden.shape) != 2:
-            hidden = hidden.reshape((-1, n_hidden))
+            hidden = reshape(hidden, (-1, n_hidden))
         n_rows = hidden.shape[0]
         label = label.reshape((n_rows,))
         if input_mask is not None:
-            input_mask = input_mask.reshape((n_rows,))
+            input_mask = input_mask.astype(ms.float32).reshape((n_rows,))
         result = linear_cross_entropy_impl(
             API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
             self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,
             self.reduction, input_mask, self.per_token_output, self.chunk_size,
-            DENOMINATOR_GUARD, zloss_class_weighted=True)
+            DENOMINATOR_GUARD if self.class_weight is None else 0.0, zloss_class_weighted=True)
         if self.reduction == "none":
             value, what = result, "per-row loss"
         elif self.per_token_output:

@@ -5,7 +5,8 @@ import mindspore as ms
 from ms_xent._backends import dispatch
 from ms_xent._backends._mindspore import executing_eagerly
 from ms_xent.ops.validation import (bce_reduction, check_bce_input_and_target,
-                                    check_broadcastable_to, check_non_negative_values)
+                                    check_broadcastable_to, check_non_negative_values,
+                                    check_tensors)
 
 API = "binary_cross_entropy_with_logits"
 
@@ -60,6 +61,8 @@ def binary_cross_entropy_with_logits(  # pylint: disable=redefined-builtin
             broadcastable to it, or (eagerly) with a negative entry; unknown ``reduction``.
     """
     reduction = bce_reduction(API, reduction)
+    if executing_eagerly():
+        check_tensors(API, ("input", "target"), (input, target))
     check_bce_input_and_target(API, input.shape, input.dtype, target.shape, target.dtype)
     weight = _factor("weight", weight, target.shape)
     pos_weight = _factor("pos_weight", pos_weight, target.shape)

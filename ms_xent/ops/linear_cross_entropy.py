@@ -24,12 +24,13 @@ from mindspore import ops
 from mindspore.ops import constexpr
 
 from ms_xent._backends import dispatch, linear_chunks
-from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known, safe_divide,
-                                          total)
+from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known, reshape,
+                                          safe_divide, total)
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent._backends.linear_chunks import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
-                                    check_logit_map, check_option_values, check_target_values)
+                                    check_logit_map, check_option_values, check_target_values,
+                                    check_tensors, check_weight_values, rank_of)
 
 API = "linear_cross_entropy"
 MIB = 1 << 20
@@ -64,7 +65,8 @@ MIN_ROW_BLOCK = 16
 def _check_batch_dims(api, hidden_shape, target_shape, mask_shape, shift):
     """hidden [..., H] with target [...] (and input_mask [...]) of the same leading shape; shift
     needs a sequence axis (target of rank >= 1). Returns the flat row count."""
-    if len(hidden_shape) < 2:
+    rank_of(api, "target", target_shape)
+    if rank_of(api, "hidden", hidden_shape) < 2:
         raise ValueError(f"{api}: `hidden` must be [..., H] with at least 2 dims, got shape "
                          f"{tuple(hidden_shape)}")
     if tuple(target_shape) != tuple(hidden_shape[:-1]):
@@ -99,7 +101,7 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
     if weight_dtype != hidden_dtype:
         raise TypeError(f"{api}: `weight` must have the dtype of `hidden` ({hidden_dtype}), got "
                         f"{weight_dtype}")
-    if len(weight_shape) != 2:
+    if rank_of(api, "weight", weight_shape) != 2:
         raise ValueError(f"{api}: `weight` must be 2-D [V, H] (lm_head layout), got shape "
                          f"{tuple(weight_shape)}")
     n_rows, n_hidden = hidden_shape
@@ -116,24 +118,26 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
     if target_dtype not in INDEX_TYPES:
         raise TypeError(f"{api}: `target` must be int32 or int64 class indices, got "
                         f"{target_dtype}")
-    if tuple(target_shape) != (n_rows,):
+    if rank_of(api, "target", target_shape) != 1 or tuple(target_shape) != (n_rows,):
         raise ValueError(f"{api}: `target` must have shape ({n_rows},) (one class index per row "
                          f"of `hidden`), got {tuple(target_shape)}")
     if bias_shape is not None:
         if bias_dtype != hidden_dtype:
             raise TypeError(f"{api}: `bias` must have the dtype of `hidden` ({hidden_dtype}), got "
                             f"{bias_dtype}")
-        if tuple(bias_shape) != (n_vocab,):
+        if rank_of(api, "bias", bias_shape) != 1 or tuple(bias_shape) != (n_vocab,):
             raise ValueError(f"{api}: `bias` must have shape ({n_vocab},), got "
                              f"{tuple(bias_shape)}")
     if class_weight_shape is not None:
         if class_weight_dtype not in FLOAT_TYPES:
             raise TypeError(f"{api}: `class_weight` must be a float tensor, got "
                             f"{class_weight_dtype}")
-        if tuple(class_weight_shape) != (n_vocab,):
+        if (rank_of(api, "class_weight", class_weight_shape) != 1
+                or tuple(class_weight_shape) != (n_vocab,)):
             raise ValueError(f"{api}: `class_weight` must have shape ({n_vocab},) (one per class), "
                              f"got {tuple(class_weight_shape)}")
-    if mask_shape is not None and tuple(mask_shape) != (n_rows,):
+    if mask_shape is not None and (rank_of(api, "input_mask", mask_shape) != 1
+                                   or tuple(mask_shape) != (n_rows,)):
         raise ValueError(f"{api}: `input_mask` must have shape ({n_rows},), got "
                          f"{tuple(mask_shape)}")
     return True
@@ -211,14 +215,6 @@ def _linear_backend():
     return dispatch.linear_cross_entropy_backend(cpu_linear.onednn_library() is not None)
 
 
-def _check_class_weight_values(api, class_weight):
-    """Eager-only: class weights are finite and non-negative."""
-    values = class_weight.astype(ms.float32).asnumpy()
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"{api}: `class_weight` must be finite and non-negative, got min "
-                         f"{values.min()} and max {values.max()}")
-
-
 def _shape_or_none(tensor):
     return None if tensor is None else tensor.shape
 
@@ -281,8 +277,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
 
     Args:
         hidden: [..., H] float32 / bfloat16 / float16 hidden states (e.g. [N, H] or [B, T, H]; the
-            leading dims are flattened, in GRAPH mode bfloat16 needs them flat already: MindSpore's
-            CPU Reshape has no bfloat16 kernel).
+            leading dims are flattened).
         weight: [V, H] output-layer weight in the lm_head layout (MindFormers' ``lm_head.weight``),
             same dtype as ``hidden``.
         target: [...] int32 / int64 class indices in [0, V) or ``ignore_index``, the leading shape
@@ -290,7 +285,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
         bias: optional [V] bias, same dtype as ``hidden``; default None (no bias).
         ignore_index: int, default -100; rows with this target contribute nothing (no loss, no
             gradient, not counted in the "mean" denominators).
-        class_weight: optional [V] finite non-negative class weights (not differentiated); default
+        class_weight: optional [V] finite class weights of any sign (not differentiated); default
             None (all 1).
         label_smoothing: float eps in [0, 1), default 0.0.
         lse_square_scale_for_zloss: z-loss scale s, default 0.0; the z-loss is added to the loss.
@@ -337,7 +332,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, options, and (in
-        PYNATIVE mode) target values outside [0, V) or negative class weights. In GRAPH mode an
+        PYNATIVE mode) target values outside [0, V) or non-finite class weights. In GRAPH mode an
         out-of-range target makes the kernel raise RuntimeError at run time.
         NotImplementedError for the gradient of a gradient.
     """
@@ -363,6 +358,9 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     "mean" denominators (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8) and the z-loss
     convention: ``zloss_class_weighted`` gives row n the z-loss weight r_n rho_n and the loss's
     denominator (``ms_xent.nn.CrossEntropyLoss``'s convention) instead of r_n m_n."""
+    if executing_eagerly():
+        check_tensors(api, ("hidden", "weight", "target", "bias", "class_weight", "input_mask"),
+                      (hidden, weight, target, bias, class_weight, input_mask))
     n_rows = _check_batch_dims(api, hidden.shape, target.shape, _shape_or_none(input_mask),
                                shift)
     _check_outputs(api, return_z_loss, return_lse)
@@ -372,7 +370,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
         if input_mask is not None:
             input_mask = _shifted(input_mask, 0)
     if len(hidden.shape) != 2:
-        hidden = hidden.reshape((n_rows, hidden.shape[-1]))
+        hidden = reshape(hidden, (n_rows, hidden.shape[-1]))
         target = target.reshape((n_rows,))
         if input_mask is not None:
             input_mask = input_mask.reshape((n_rows,))
@@ -388,7 +386,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     if executing_eagerly():
         check_target_values(api, target, n_vocab, ignore_index)
         if class_weight is not None:
-            _check_class_weight_values(api, class_weight)
+            check_weight_values(api, class_weight, "class_weight")
 
     weighted = class_weight is not None
     class_weight = (class_weight.astype(ms.float32) if weighted

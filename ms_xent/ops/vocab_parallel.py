@@ -18,8 +18,9 @@ from mindspore.ops import constexpr
 from ms_xent._backends import dispatch
 from ms_xent._backends._mindspore import executing_eagerly
 from ms_xent._backends.vocab_parallel import NOT_OWNED, VocabParallelRows
-from ms_xent.ops.validation import (check_ignore_index, check_logits_and_target,
-                                    check_option_values, check_target_values, class_weight)
+from ms_xent.ops.validation import (check_ignore_index, check_ignore_index_for_probabilities,
+                                    check_logits_and_target, check_option_values,
+                                    check_target_values, check_tensors, class_weight)
 
 API = "vocab_parallel_cross_entropy_rows"
 
@@ -76,7 +77,7 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
             [vocab_start, vocab_start + C_r) of the whole vocabulary of C classes.
         target: [N] int32/int64 class indices of the whole vocabulary (the same on every rank),
             or [N, C_r] float class probabilities for this rank's classes.
-        weight: optional [C_r] finite class weights of this rank's classes; default None (all 1).
+        weight: optional [C_r] finite class weights (any sign) of this rank's classes; default None (all 1).
         ignore_index: int, default -100, as in :func:`ms_xent.ops.cross_entropy_rows`.
         label_smoothing: float eps in [0, 1), default 0.0 (the smoothing spreads eps over all C
             classes).
@@ -104,8 +105,11 @@ def vocab_parallel_cross_entropy_rows(logits, target, weight=None, ignore_index=
     under ``MS_XENT_BACKEND=composed``).
     """
     check_option_values(API, "mean", label_smoothing, 0.0)
+    if executing_eagerly():
+        check_tensors(API, ("logits", "target"), (logits, target))
     soft = check_logits_and_target(API, logits.shape, logits.dtype, target.shape, target.dtype)
     check_ignore_index(API, ignore_index)
+    check_ignore_index_for_probabilities(API, ignore_index, soft)
     group, world_size, vocab_start, num_classes = _shard_layout(group, logits.shape[1],
                                                                 vocab_start, num_classes)
     if not soft and executing_eagerly():

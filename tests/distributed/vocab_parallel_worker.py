@@ -50,6 +50,9 @@ class Case:
     # Rows that need the split log-sum-exp: row 2 confident (p = 1 - 1e-6 on the last class,
     # another rank's than most of the mass of the others), row 3 offset by 1e6.
     extreme: bool = False
+    # Row 2 targets the last class and the last rank's whole slice of it is -inf: the loss of the
+    # row is +inf, as on a single device (the ranks' combination once made it NaN).
+    minus_inf_slice: bool = False
 
 
 CASES = {
@@ -62,6 +65,7 @@ CASES = {
     "soft_targets": Case(seed=5, soft=True, weighted=True, label_smoothing=0.1, zloss=1e-3,
                          masked=True),
     "confident_and_offset_rows": Case(seed=12, extreme=True, weighted=True, zloss=1e-3),
+    "minus_inf_target_slice": Case(seed=13, minus_inf_slice=True),
     "uneven_shards": Case(seed=6, n_classes=37, shards=(20, 17), weighted=True,
                           label_smoothing=0.1, zloss=1e-3, ignore_fraction=0.25),
     "bfloat16": Case(seed=7, dtype="bfloat16", weighted=True, label_smoothing=0.1, zloss=1e-3,
@@ -95,6 +99,9 @@ def make_inputs(case):
         x[2, -1] = np.float32(np.log(others * (1 - 1e-6) / 1e-6))
         target[2] = case.n_classes - 1
         x[3] += np.float32(1e6)
+    if case.minus_inf_slice:
+        target[2] = case.n_classes - 1
+        x[2, class_slices(case, 2)[1][0]:] = -np.inf
     weight = (rng.random(case.n_classes) + 0.25).astype(np.float32) if case.weighted else None
     mask = (rng.random(case.n_rows) < 0.7).astype(np.float32) if case.masked else np.ones(
         case.n_rows, np.float32)

@@ -74,10 +74,35 @@ def build_reg_info(spec: KernelSpec, attrs: Dict[str, object], target: str = "CP
     return reg.target(target).get_op_info()
 
 
+def _not_differentiable(symbol, n_inputs):
+    """The bprop of the kernels that have none (the backward kernels): a clear error in place of
+    MindSpore's "bprop not defined ... please create an issue". Reached by second-order
+    differentiation (the gradient of a gradient) and by forward-mode differentiation (``jvp``,
+    which MindSpore derives from the backward); raised when the graph is compiled in GRAPH mode.
+
+    MindSpore reads a bprop's parameters (inputs, then ``out``, ``dout``; no ``*args``) and, in
+    GRAPH mode, its source: one function per input count of the kernels without a bprop."""
+    message = (f"ms_xent: the kernel {symbol} is not differentiable: second-order "
+               f"differentiation (the gradient of a gradient) and forward-mode differentiation "
+               f"(jvp, jacfwd) of ms_xent's fused losses are not supported; use first-order "
+               f"reverse mode (mindspore.grad, value_and_grad)")
+
+    def bprop5(in0, in1, in2, in3, in4, out, dout):
+        raise NotImplementedError(message)
+
+    def bprop7(in0, in1, in2, in3, in4, in5, in6, out, dout):
+        raise NotImplementedError(message)
+
+    return {5: bprop5, 7: bprop7}.get(n_inputs)
+
+
 class AotPrimitive(ops.Custom):
-    """An aot Custom primitive for one kernel spec and one set of attribute values."""
+    """An aot Custom primitive for one kernel spec and one set of attribute values (a kernel
+    given no ``bprop`` raises a clear error when differentiated)."""
 
     def __init__(self, spec: KernelSpec, attrs: Dict[str, object], bprop=None):
+        if bprop is None:
+            bprop = _not_differentiable(spec.symbol, len(spec.inputs))
         super().__init__(
             func=f"{kernel_library()}:{spec.symbol}",
             out_shape=None,

@@ -7,6 +7,7 @@ the softmax from the logits and the per-row shift, so nothing [N, C] is kept for
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 
 from ms_xent._backends._mindspore import cached_primitive, counted_rows, total
 from ms_xent._backends._reductions import (counted_lse, loss_and_zloss, mean_weight,
@@ -15,6 +16,18 @@ from ms_xent._backends.cpu.bce_with_logits_op import BceWithLogitsForward
 from ms_xent._backends.cpu.cross_entropy_op import CrossEntropyBackward, CrossEntropyForward
 
 F32 = ms.float32
+# The BCE kernel's broadcasting layout holds at most this many dims (kMaxRank in bce_kernel.cc).
+BCE_MAX_RANK = 16
+
+
+@constexpr
+def check_kernel_rank(input_shape):
+    """A clear error for inputs of more dims than the BCE kernel's layout holds (a dynamic rank
+    is checked by the kernel at run time)."""
+    if input_shape is not None and len(input_shape) > BCE_MAX_RANK:
+        raise ValueError(f"binary_cross_entropy_with_logits: `input` has {len(input_shape)} dims; "
+                         f"the CPU kernel takes at most {BCE_MAX_RANK} (merge some dims first)")
+    return True
 
 
 def _kernel_weight(weight, n_classes):
@@ -100,6 +113,7 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):  # pylint: disable=redefined-builtin
     """BCE with logits; ``weight`` / ``pos_weight`` float32 in their own shapes (0-d ones when
     absent: the kernel broadcasts them)."""
+    check_kernel_rank(input.shape)
     weight = ops.ones((), F32) if weight is None else weight
     pos_weight = ops.ones((), F32) if pos_weight is None else pos_weight
     if reduction == "none":
