@@ -129,10 +129,14 @@ class EmulatedCrossEntropyLoss(nn.Cell):
         log_prob = ops.log_softmax(input.astype(F32), 1)
         class_weight = ops.ones((input.shape[1],), F32) if weight is None else weight
         weighted = -log_prob * class_weight
-        counted = target != ignore_index
-        safe_target = ops.select(counted, target, self.zeros_like(target))
+        # ignoreIndex < 0 ignores nothing (seed); targets outside [0, C) are undefined for the
+        # vendor: NaN rows here, so that a caller sending one is seen.
+        counted = target != ignore_index if ignore_index >= 0 else target == target
+        in_range = (target >= 0) & (target < input.shape[1])
+        safe_target = ops.select(in_range, target, self.zeros_like(target))
         picked = ops.gather_elements(weighted, 1, safe_target.reshape(-1, 1)).reshape(-1)
         nll = ops.select(counted, picked, self.zeros_like(picked))
+        nll = ops.select(in_range | ~counted, nll, nll * float("nan"))
         rows = nll
         if label_smoothing > 0:
             spread = weighted.sum(axis=1)
@@ -179,8 +183,11 @@ class EmulatedCrossEntropyLossGrad(nn.Cell):
         _check_grad_smoothing(label_smoothing)
         n_classes = log_prob.shape[1]
         class_weight = ops.ones((n_classes,), F32) if weight is None else weight
-        counted = target != ignore_index
-        safe_target = ops.select(counted, target, self.zeros_like(target))
+        # ignoreIndex < 0 ignores nothing (seed); targets outside [0, C) are undefined for the
+        # vendor: NaN rows here, so that a caller sending one is seen.
+        counted = target != ignore_index if ignore_index >= 0 else target == target
+        in_range = (target >= 0) & (target < n_classes)
+        safe_target = ops.select(in_range, target, self.zeros_like(target))
         target_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(F32)
         upstream = grad_loss.astype(F32)
         if reduction == "mean":

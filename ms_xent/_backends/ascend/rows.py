@@ -7,6 +7,9 @@ row's argmax column c*, where x is finite unless the whole row is -inf (then lse
 every backend) and log_prob is the smallest in magnitude (-log p_max): no -inf - -inf, and ignored
 rows (whose target may be any out-of-range value) need no target column.
 
+Ignored rows: the vendor sees class 0 in their place and ms_xent masks them (see
+:func:`ms_xent._backends.ascend.vendor_op.vendor_target`).
+
 Label smoothing (vendor gradient: 0.0 only) is composed around the vendor call, unweighted:
   l_n = (1 - eps) nll_n + (eps / C) sum_c (-log p_c)
   dl_n/dx = (1 - eps) (p - onehot(y)) + eps (p - 1 / C)
@@ -25,7 +28,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends.ascend.vendor_op import vendor_backward, vendor_forward
+from ms_xent._backends.ascend.vendor_op import vendor_backward, vendor_forward, vendor_target
 
 F32 = ms.float32
 
@@ -41,10 +44,9 @@ class VendorRowsCell(nn.Cell):
         self.zeros_like = ops.ZerosLike()
 
     def construct(self, logits, target):
-        target = target.astype(ms.int64)
-        loss, log_prob = vendor_forward(logits, target, "none", self.ignore_index, self.vendor)
-        # No helper shared with the bprop (MindSpore 2.9's GRAPH autodiff fails on those).
-        counted = target != self.ignore_index
+        counted, safe_target = vendor_target(target, self.ignore_index)
+        loss, log_prob = vendor_forward(logits, safe_target, "none", self.ignore_index,
+                                        self.vendor)
         x = logits.astype(F32)
         log_prob32 = log_prob.astype(F32)
         top = ops.argmax(x, 1).reshape(-1, 1)
@@ -60,12 +62,15 @@ class VendorRowsCell(nn.Cell):
         return (ops.select(counted, rows, zeros), lse, counted.astype(F32), log_prob)
 
     def bprop(self, logits, target, out, dout):
-        target64 = target.astype(ms.int64)
         log_prob = out[3]
-        counted = target64 != self.ignore_index  # inline: see VendorRowsCell.construct
+        # Inline, not vendor_target: a helper called in both the forward and the bprop breaks
+        # MindSpore 2.9's GRAPH autodiff ("The func graph is empty").
+        target64 = target.astype(ms.int64)
+        counted = target64 != self.ignore_index
+        safe_target = ops.select(counted, target64, self.zeros_like(target64))
         row_grad = ops.select(counted, dout[0], self.zeros_like(dout[0]))
         grad = vendor_backward(((1.0 - self.label_smoothing) * row_grad).astype(log_prob.dtype),
-                               log_prob, target64, "none", self.ignore_index,
+                               log_prob, safe_target, "none", self.ignore_index,
                                self.vendor).astype(F32)
         p = ops.exp(log_prob.astype(F32))
         grad = grad + dout[1].reshape(-1, 1) * p

@@ -45,7 +45,8 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.ops import auto_generate as generated_ops
 
-from ms_xent._backends._mindspore import cached_primitive, counted_rows, safe_divide
+from ms_xent._backends._mindspore import cached_primitive, counted_rows, total
+from ms_xent._backends._reductions import reduce_rows, upstream_per_row
 from ms_xent._backends.ascend import emulator
 from ms_xent._backends.composed import binary_cross_entropy_with_logits_grad
 from ms_xent._backends.cpu.aot_primitive import FLOAT_DTYPES, KernelSpec, build_reg_info, dtype_rows
@@ -61,6 +62,10 @@ I64 = ("int64",)
 # The vendor op (aclnnBinaryCrossEntropyWithLogits) takes the reduction as an integer.
 BCE_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
 BCE_REDUCTION_VALUES = {name: code for code, name in BCE_REDUCTION_CODES.items()}
+# A primitive instance, not ops.zeros_like, around the Cells with a bprop (the emulator's, the
+# vendor rows): in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell when the
+# forward calls the composite zeros_like that autodiff also uses ("The func graph is empty").
+_ZEROS_LIKE = ops.ZerosLike()
 
 
 def _same_dtype_as_first(first, *rest):
@@ -294,12 +299,18 @@ def aclnn_gradient(vendor):
 
 # ---- the vendor cross-entropy in ms_xent's conventions ----------------------------------------
 
-def _vendor_reduction(reduction):
-    return "none" if reduction == "none" else "sum"
+def vendor_target(target, ignore_index):
+    """(counted rows (bool [N]), int64 target with class 0 on the ignored rows).
 
-
-def _counted_rows(target, ignore_index):
-    return counted_rows(target, ignore_index).astype(ms.float32).sum()
+    The seed documents say that a negative ignoreIndex ignores nothing and that targets lie in
+    [0, C): ms_xent's default ignore_index -100 (PyTorch's) cannot be left to the vendor. So the
+    vendor always sees in-range targets, and ms_xent masks the ignored rows itself (their loss
+    rows and upstream gradients are 0); the vendor is called with reduction "none" only, and
+    ms_xent reduces ("mean" over the counted rows, 0 when there are none). This also keeps clear
+    of the documented refusal of non-default arguments for "mean" with gradients."""
+    target = target.astype(ms.int64)
+    counted = counted_rows(target, ignore_index)
+    return counted, ops.select(counted, target, _ZEROS_LIKE(target))
 
 
 def vendor_forward(input, target, reduction, ignore_index, vendor):  # pylint: disable=redefined-builtin
@@ -332,33 +343,28 @@ def vendor_backward(grad_loss, log_prob, target, reduction, ignore_index, vendor
 
 
 def vendor_cross_entropy_loss(input, target, reduction, ignore_index, vendor):  # pylint: disable=redefined-builtin
-    """Unweighted class-index cross-entropy without smoothing or z-loss, by the vendor op.
+    """Unweighted class-index cross-entropy without smoothing or z-loss, by the vendor op with
+    reduction "none" (see :func:`vendor_target`).
 
-    Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum" (the
-    vendor's is [1]), "mean" = vendor "sum" / number of counted rows (0 when there are none), and
+    Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum", and
     the zero-size z-loss outputs of a call without z-loss.
     """
-    target = target.astype(ms.int64)
-    loss, log_prob = vendor_forward(input, target, _vendor_reduction(reduction), ignore_index,
-                                    vendor)
-    if reduction != "none":
-        loss = loss.reshape(())
-    if reduction == "mean":
-        loss = safe_divide(loss.astype(ms.float32),
-                           _counted_rows(target, ignore_index)).astype(input.dtype)
-    return loss, log_prob, ops.zeros((0,), input.dtype), ops.zeros((0,), ms.float32)
+    counted, safe_target = vendor_target(target, ignore_index)
+    loss_rows, log_prob = vendor_forward(input, safe_target, "none", ignore_index, vendor)
+    rows = loss_rows.astype(ms.float32)
+    rows = ops.select(counted, rows, _ZEROS_LIKE(rows))
+    loss = reduce_rows(rows, reduction, total(counted.astype(ms.float32)))
+    return loss.astype(input.dtype), log_prob, ops.zeros((0,), input.dtype), ops.zeros(
+        (0,), ms.float32)
 
 
 def vendor_cross_entropy_loss_grad(grad_loss, log_prob, target, reduction, ignore_index, vendor):
     """Gradient of :func:`vendor_cross_entropy_loss` from its ``log_prob``, by the vendor op."""
-    target = target.astype(ms.int64)
-    if reduction == "mean":
-        grad_loss = safe_divide(grad_loss.astype(ms.float32).reshape(()),
-                                _counted_rows(target, ignore_index))
-    if reduction != "none":
-        grad_loss = grad_loss.reshape(())
-    return vendor_backward(grad_loss.astype(log_prob.dtype), log_prob, target,
-                           _vendor_reduction(reduction), ignore_index, vendor)
+    counted, safe_target = vendor_target(target, ignore_index)
+    counted32 = counted.astype(ms.float32)
+    upstream = upstream_per_row(grad_loss, reduction, total(counted32), counted32) * counted32
+    return vendor_backward(upstream.astype(log_prob.dtype), log_prob, safe_target, "none",
+                           ignore_index, vendor)
 
 
 def vendor_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,  # pylint: disable=redefined-builtin
