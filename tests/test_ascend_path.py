@@ -4,8 +4,8 @@
 - The Ascend registration objects (ms_xent._backends.ascend.vendor_op) against the aclnn C prototypes:
   parameter count, order, names and C types (through MindSpore's own reg_info -> C type mapping
   and its own header parser), optional inputs, documented dtypes, output shapes and dtypes, and
-  the positional call arguments. The prototypes are data below, checked against the seed
-  documents when those are present.
+  the positional call arguments. The prototypes and limits are the vendor documents' facts in
+  tests/data/vendor_facts.json.
 - The dispatch of the public API when the device is Ascend, simulated by patching the device
   target: vendor routes must reach the vendor primitive (which then fails on CPU, in PyNative at
   kernel lookup, in GRAPH_MODE only after the whole graph, bprop included, was built), composed
@@ -16,6 +16,7 @@
 
 import glob
 import itertools
+import json
 import os
 import re
 
@@ -28,6 +29,7 @@ from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, Cust
 import ms_xent
 from ms_xent._backends import composed
 from ms_xent._backends import dispatch as backend
+from ms_xent._backends.ascend import emulator
 from ms_xent._backends.ascend import vendor_op as ascend_op
 from ms_xent.ops import (binary_cross_entropy_with_logits, cross_entropy_loss,
                          cross_entropy_loss_grad, cross_entropy_rows)
@@ -36,36 +38,16 @@ from tests.reference import (IGNORE_INDEX, assert_close, assert_close_to_peak,
                              to_ms, to_numpy, torch_bce_with_logits)
 
 REDUCTIONS = ("mean", "sum", "none")
-SEEDS_DIR = os.environ.get("MS_XENT_SEEDS_DIR", "/work/shared/seeds")
+# The vendor documents' facts (prototypes, torch_npu signature, limits), kept as test data.
+with open(os.path.join(os.path.dirname(__file__), "data", "vendor_facts.json"),
+          encoding="utf-8") as _facts:
+    VENDOR_FACTS = json.load(_facts)
 
 # ---- the aclnn prototypes ---------------------------------------------------------------------
-# Parameters of aclnnXxxGetWorkspaceSize. Grad and BCE: as in the seed documents
-# (aclnnCrossEntropyLossGrad.txt, aclnnBinaryCrossEntropyWithLogits.txt). Forward: the seeds hold
-# only the torch_npu page, so the C prototype is CANN's aclnnCrossEntropyLoss page
-# (https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/82RC1alpha002/API/aolapi/
-# context/aclnnCrossEntropyLoss.md); test_forward_prototype_matches_torch_npu_seed checks it
-# against the torch_npu seed.
-PROTOTYPES = {
-    "aclnnCrossEntropyLoss": (
-        "const aclTensor *input, const aclTensor *target, const aclTensor *weightOptional, "
-        "char *reductionOptional, int64_t ignoreIndex, double labelSmoothing, "
-        "double lseSquareScaleForZloss, bool returnZloss, const aclTensor *lossOut, "
-        "const aclTensor *logProbOut, const aclTensor *zlossOut, const aclTensor *lseForZlossOut, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-    "aclnnCrossEntropyLossGrad": (
-        "const aclTensor *gradLoss, const aclTensor *logProb, const aclTensor *target, "
-        "const aclTensor *weightOptional, const aclTensor *gradZlossOptional, "
-        "const aclTensor *lseForZlossOptional, char *reductionOptional, int64_t ignoreIndex, "
-        "double labelSmoothing, double lseSquareScaleForZloss, const aclTensor *out, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-    "aclnnBinaryCrossEntropyWithLogits": (
-        "const aclTensor *self, const aclTensor *target, const aclTensor *weightOptional, "
-        "const aclTensor *posWeightOptional, int64_t reduction, aclTensor *out, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-}
+# Parameters of aclnnXxxGetWorkspaceSize, from tests/data/vendor_facts.json.
+PROTOTYPES = VENDOR_FACTS["aclnn_prototypes"]
 # How many of the trailing aclTensor parameters are outputs (from the parameter tables).
-N_OUTPUTS = {"aclnnCrossEntropyLoss": 4, "aclnnCrossEntropyLossGrad": 1,
-             "aclnnBinaryCrossEntropyWithLogits": 1}
+N_OUTPUTS = VENDOR_FACTS["aclnn_output_count"]
 HALF_AND_SINGLE = {"float16", "float32", "bfloat16"}
 # Documented dtypes of each tensor parameter; "=x" means "the dtype of parameter x".
 DOCUMENTED_DTYPES = {
@@ -161,7 +143,8 @@ def test_output_shapes_and_dtypes(reduction):
     loss = [n_rows] if reduction == "none" else [1]
     shapes = ascend_op.cross_entropy_loss_out_shapes(reduction)(
         [n_rows, n_classes], [n_rows], [n_classes], [], [], [], [], [])
-    assert shapes == (loss, [n_rows, n_classes], loss, [n_rows])
+    # z-loss off (the only vendor mode): zlossOut and lseForZlossOut are empty tensors.
+    assert shapes == (loss, [n_rows, n_classes], [0], [0])
     assert ascend_op.cross_entropy_loss_grad_out_shape(
         [], [n_rows, n_classes], [n_rows], [n_classes]) == [n_rows, n_classes]
     code = ascend_op.BCE_REDUCTION_VALUES[reduction]
@@ -216,28 +199,18 @@ def test_custom_primitives_build_on_cpu_without_touching_the_cwd(monkeypatch, tm
     assert os.environ["MS_COMPILER_CACHE_PATH"].startswith(str(tmp_path))
 
 
-# ---- seed documents ---------------------------------------------------------------------------
+# ---- the vendor documents' facts ----------------------------------------------------------------
 
-def read_seed(name):
-    path = os.path.join(SEEDS_DIR, name)
-    if not os.path.exists(path):
-        pytest.skip(f"seed document {path} is not in this checkout (set MS_XENT_SEEDS_DIR); the "
-                    "prototypes are still checked from the copies in this file")
-    with open(path, encoding="utf-8") as handle:
-        return handle.read()
-
-
-def normalise(text):
-    return re.sub(r"\s+", " ", text).strip()
-
-
-@pytest.mark.parametrize("symbol,seed", [
-    ("aclnnCrossEntropyLossGrad", "aclnnCrossEntropyLossGrad.txt"),
-    ("aclnnBinaryCrossEntropyWithLogits", "aclnnBinaryCrossEntropyWithLogits.txt")])
-def test_prototypes_match_seed_documents(symbol, seed):
-    text = read_seed(seed)
-    match = re.search(symbol + r"GetWorkspaceSize\((.*?)\)", text, re.S)
-    assert normalise(match.group(1)) == normalise(PROTOTYPES[symbol])
+def test_limits_in_the_code_are_the_documented_ones():
+    limits = VENDOR_FACTS["limits"]
+    assert backend.VENDOR_MAX_ROWS == limits["grad_max_rows_exclusive"] - 1
+    assert emulator.FORWARD_MAX_ROWS == limits["forward_max_rows"]
+    assert emulator.GRAD_MAX_ROWS == limits["grad_max_rows_exclusive"] - 1
+    assert {int(code): name for code, name in limits["bce_reduction_codes"].items()} == (
+        ascend_op.BCE_REDUCTION_CODES)
+    assert SPECS["aclnnCrossEntropyLoss"].dtype_rows[0][1] == limits["target_dtype"]
+    assert {row[2] for row in SPECS["aclnnCrossEntropyLoss"].dtype_rows} == {
+        limits["weight_dtype"]}
 
 
 def snake(name):
@@ -246,9 +219,9 @@ def snake(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def test_forward_prototype_matches_torch_npu_seed():
-    text = read_seed("npu_cross_entropy_loss.txt")
-    match = re.search(r"npu_cross_entropy_loss\((.*?)\)\s*->\s*\((.*?)\)", text, re.S)
+def test_forward_prototype_matches_torch_npu_signature():
+    match = re.search(r"npu_cross_entropy_loss\((.*?)\)\s*->\s*\((.*?)\)",
+                      VENDOR_FACTS["torch_npu_signature"], re.S)
     seed_params = [re.fullmatch(r"\s*(\w+\??)\s+(\w+)(?:=.*)?\s*", part).groups()
                    for part in match.group(1).split(",")]
     params = operator_params("aclnnCrossEntropyLoss")
@@ -257,8 +230,7 @@ def test_forward_prototype_matches_torch_npu_seed():
                   "int": "int64_t", "float": "double", "bool": "bool"}
     assert [(torch_to_c[t], n) for t, n in seed_params] == [(c, snake(n)) for c, n in inputs]
     assert match.group(2).split(", ") == ["Tensor"] * len(outputs)
-    documented_outputs = re.findall(r"^\s*•\s*(\w+)\s*[:：]", text.split("输出说明")[1], re.M)
-    assert documented_outputs == [snake(name) for _, name in outputs]
+    assert VENDOR_FACTS["torch_npu_outputs"] == [snake(name) for _, name in outputs]
 
 
 # ---- backend choice ---------------------------------------------------------------------------
@@ -476,8 +448,9 @@ def test_aclnn_custom_route_builds_forward_and_grad_customs(ascend, tmp_path):
         ms.set_context(save_graphs=0, save_graphs_path=graphs_path)
     graphs = "".join(open(path, encoding="utf-8").read()
                      for path in glob.glob(str(tmp_path / "**" / "*.ir"), recursive=True))
-    assert re.search(r"= Custom\([^\n]*\"sum\", I64\(2\), F32\(0\), F32\(0\), Bool\(0\)\)", graphs)
-    assert re.search(r"= Custom\([^\n]*None, None, \"sum\", I64\(2\), F32\(0\), F32\(0\)\)",
+    # The vendor is always called with reduction "none" (ms_xent reduces and masks).
+    assert re.search(r"= Custom\([^\n]*\"none\", I64\(2\), F32\(0\), F32\(0\), Bool\(0\)\)", graphs)
+    assert re.search(r"= Custom\([^\n]*None, None, \"none\", I64\(2\), F32\(0\), F32\(0\)\)",
                      graphs), "the bprop's aclnnCrossEntropyLossGrad call"
 
 
@@ -796,7 +769,7 @@ def test_bce_routes_vs_torch(ascend, monkeypatch, route, pos_weighted, mode):
     for reduction in REDUCTIONS:
         loss, grad_x, grad_t = bce_api(mode, x, t, w, pw, reduction)
         if mode == "pynative":
-            assert vendor_calls == ([True] if route == backend.ASCEND_BUILTIN else [])
+            assert vendor_calls == ([route] if route == backend.ASCEND_BUILTIN else [])
             vendor_calls.clear()
         expected, expected_x, expected_t = torch_bce_with_logits(x, t, w, pw, reduction)
         assert loss.shape == expected.shape
