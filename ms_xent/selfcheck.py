@@ -158,8 +158,8 @@ def _linear(x, target, weight, options):  # pylint: disable=unused-argument
     return [loss, grads[0], grads[1]]
 
 
-def cases(quick):
-    """[(api, options name, options, function, dtypes)]."""
+def cases(quick, only=None):
+    """[(api, options name, options, function, dtypes)]; ``only``: a substring of the api names."""
     dtypes = ("float32", "bfloat16") if quick else tuple(DTYPES)
     listed = [("cross_entropy_loss", name, options, _cross_entropy, dtypes)
               for name, options in CROSS_ENTROPY_OPTIONS.items()
@@ -173,7 +173,7 @@ def cases(quick):
                ("binary_cross_entropy_with_logits", "pos_weight", {"pos": True}, _bce,
                 ("float32",)),
                ("linear_cross_entropy", "mean", {}, _linear, ("float32",))]
-    return listed
+    return [case for case in listed if only is None or only in case[0]]
 
 
 def _run(request, variant, function, inputs, options):
@@ -192,12 +192,12 @@ def _run(request, variant, function, inputs, options):
                 os.environ["MS_XENT_ASCEND_BACKEND"] = previous
 
 
-def run(quick=False, mode="pynative"):
+def run(quick=False, mode="pynative", only=None):
     """Runs every case on every route; returns the table rows (dicts)."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     x32, target, weight = _case_inputs(0)
     rows = []
-    for api, options_name, options, function, dtypes in cases(quick):
+    for api, options_name, options, function, dtypes in cases(quick, only):
         for dtype_name in dtypes:
             x = ms.Tensor(x32).astype(DTYPES[dtype_name])
             inputs = (x, ms.Tensor(target), ms.Tensor(weight))
@@ -249,8 +249,9 @@ def main(argv=None):
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--quick", action="store_true", help="fewer options and dtypes")
     parser.add_argument("--mode", choices=("pynative", "graph"), default="pynative")
+    parser.add_argument("--only", metavar="API", help="only the APIs whose name contains API")
     arguments = parser.parse_args(argv)
-    rows = run(quick=arguments.quick, mode=arguments.mode)
+    rows = run(quick=arguments.quick, mode=arguments.mode, only=arguments.only)
     text = markdown(rows, arguments.mode)
     print(text)
     if arguments.markdown:

@@ -823,3 +823,170 @@ def test_bce_aclnn_custom_route_builds_the_custom(ascend):
     ms.set_context(mode=ms.GRAPH_MODE)
     with pytest.raises(RuntimeError, match="'aclnnBinaryCrossEntropyWithLogits' is illegal"):
         bce_api("graph", x, t, w, pw, "mean")
+
+
+# ---- the vendor emulator (ascend_emulated) and the Ascend rows ----------------------------------
+
+def test_every_choice_on_the_emulated_and_ascend_rows():
+    """Cross-entropy and per-row choices for every option: the vendor route exactly when the
+    vendor serves the call (the emulated row follows the ascend table), composed otherwise."""
+    for (request, soft, weighted, smoothing, zloss, n_rows, too_large, logit_map) in (
+            itertools.product((backend.ASCEND, backend.ASCEND_EMULATED), (False, True),
+                              (False, True), (0.0, 0.1), (False, True),
+                              (-1, 0, 1, 199999, 200000), (False, True), (False, True))):
+        device = "Ascend" if request == backend.ASCEND else "CPU"
+        vendor = (backend.ASCEND_EMULATED if request == backend.ASCEND_EMULATED
+                  else backend.ASCEND_BUILTIN)
+        in_range = (n_rows < 0 or 0 < n_rows < 200000) and not too_large
+        loss_choice = backend.choose_cross_entropy_backend(
+            device, requested=request, soft_target=soft, weighted=weighted,
+            label_smoothing=smoothing, zloss=zloss, n_rows=n_rows, logit_map=logit_map,
+            ignore_index_too_large=too_large)
+        servable = in_range and not (soft or weighted or smoothing or zloss or logit_map)
+        assert loss_choice == (vendor if servable else backend.COMPOSED)
+        rows_choice = backend.choose_cross_entropy_rows_backend(
+            device, requested=request, soft_target=soft, weighted=weighted, logit_map=logit_map,
+            n_rows=n_rows, ignore_index_too_large=too_large)
+        # Rows: smoothing and the z-loss (through lse) are composed around the vendor call.
+        rows_servable = in_range and not (soft or weighted or logit_map)
+        assert rows_choice == (vendor if rows_servable else backend.COMPOSED)
+    assert backend.choose_cross_entropy_rows_backend("CPU") == backend.CPU_KERNEL
+    assert backend.choose_rows_backend("CPU", requested=backend.ASCEND_EMULATED) == (
+        backend.COMPOSED)
+    with pytest.raises(ValueError, match="MS_XENT_BACKEND=ascend_emulated needs device CPU"):
+        backend.choose_cross_entropy_backend("Ascend", requested=backend.ASCEND_EMULATED)
+    assert backend.choose_bce_backend("CPU", requested=backend.ASCEND_EMULATED,
+                                      pos_weighted=True) == backend.ASCEND_EMULATED
+    assert backend.choose_bce_backend("CPU", requested=backend.ASCEND_EMULATED,
+                                      n_elements=0) == backend.COMPOSED
+
+
+@pytest.fixture(name="emulated_calls")
+def fixture_emulated_calls(monkeypatch):
+    """Records every emulated aclnn call as (symbol, positional arguments)."""
+    calls = []
+    make = ascend_op._emulated_operator  # pylint: disable=protected-access
+
+    def recording(symbol, reduction, host_values):
+        operator = make(symbol, reduction, host_values)
+
+        def call(*tensors):
+            calls.append((symbol, tensors + host_values))
+            return operator(*tensors)
+        return call
+    monkeypatch.setattr(ascend_op, "_emulated_operator", recording)
+    return calls
+
+
+def test_each_emulated_vendor_call_gets_the_prototype_arguments(emulated_calls):
+    """Every call the Ascend route makes (loss and its bprop, loss_grad, rows and their bprop, BCE)
+    reaches the emulated operator with the prototype's arguments: count, order, C types (a None
+    only for an Optional parameter) and the documented tensor dtypes."""
+    x, t, _ = make_case(6, 5, seed=21, ignore_fraction=0.3)
+    xt, tt = ms.Tensor(x), ms.Tensor(t)
+    with ms_xent.use_backend("ascend_emulated"):
+        ms.grad(lambda a: cross_entropy_loss(a, tt, reduction="mean")[0])(xt)
+        cross_entropy_loss_grad(ms.Tensor(1.0), xt, tt, reduction="sum")
+        ms.grad(lambda a: cross_entropy_rows(a, tt, label_smoothing=0.1)[1].sum())(xt)
+        ms.grad(lambda a: binary_cross_entropy_with_logits(a, ms.ops.sigmoid(xt), None,
+                                                           ms.Tensor(np.ones(5, np.float32))))(xt)
+    symbols = [symbol for symbol, _ in emulated_calls]
+    assert symbols.count("aclnnCrossEntropyLoss") == 2
+    assert symbols.count("aclnnCrossEntropyLossGrad") == 3
+    assert symbols.count("aclnnBinaryCrossEntropyWithLogits") == 1
+    for symbol, arguments in emulated_calls:
+        params = operator_params(symbol)[:-N_OUTPUTS[symbol]]
+        assert [c_type_of(a) for a in arguments] == [c_type for c_type, _ in params], symbol
+        documented = DOCUMENTED_DTYPES[symbol]
+        for argument, (_, name) in zip(arguments, params):
+            assert argument is not None or name.endswith("Optional"), (symbol, name)
+            if isinstance(argument, ms.Tensor) and isinstance(documented[name], set):
+                assert str(argument.dtype).lower() in documented[name], (symbol, name)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("smoothing_in_grad", "labelSmoothing must be 0.0"),
+    ("zloss", "zloss is not supported"),
+    ("int32_target", "unsupported dtypes"),
+    ("too_many_rows", r"N must be in \(0, 199999\]"),
+    ("ignore_index_too_large", "ignoreIndex must be less than C"),
+    ("string_reduction_code", "reduction must be a int"),
+])
+def test_emulator_refuses_what_the_vendor_refuses(case, message):
+    x = ms.Tensor(np.zeros((4, 3), np.float32))
+    t = ms.Tensor(np.zeros(4, np.int64))
+    w = ms.Tensor(np.ones(3, np.float32))
+    emulated = ascend_op.ASCEND_EMULATED
+    calls = {
+        "smoothing_in_grad": lambda: ascend_op.aclnn_gradient(emulated)(
+            x, x, t, None, None, None, "none", -100, 0.1, 0.0),
+        "zloss": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, "none", -100, 0.0, 0.1, True), "none"),
+        "int32_target": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t.astype(ms.int32), w, "none", -100), "none"),
+        "too_many_rows": lambda: ascend_op.aclnn_gradient(emulated)(
+            ms.Tensor(np.zeros(200000, np.float32)), ms.Tensor(np.zeros((200000, 3), np.float32)),
+            ms.Tensor(np.zeros(200000, np.int64)), None, None, None, "none", -100, 0.0, 0.0),
+        "ignore_index_too_large": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, "none", 3), "none"),
+        "string_reduction_code": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnBinaryCrossEntropyWithLogits, (x, x, None, None, "mean"),
+            "mean"),
+    }
+    with pytest.raises(ValueError, match="ACLNN_ERR_PARAM_INVALID.*" + message):
+        calls[case]()
+
+
+def test_emulated_outputs_follow_the_contract():
+    """Dtypes and shapes of the emulated outputs, zero-size z-loss outputs, the BCE output in the
+    target's dtype."""
+    x = ms.Tensor(np.random.default_rng(3).standard_normal((4, 3)), ms.bfloat16)
+    t = ms.Tensor(np.array([0, 2, 1, 2], np.int64))
+    w = ms.Tensor(np.ones(3, np.float32))
+    for reduction, loss_shape in (("none", (4,)), ("sum", (1,)), ("mean", (1,))):
+        outputs = ascend_op.aclnn_call(
+            ascend_op.ASCEND_EMULATED, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, reduction, -100), reduction)
+        assert [o.shape for o in outputs] == [loss_shape, (4, 3), (0,), (0,)]
+        assert {o.dtype for o in outputs} == {ms.bfloat16}
+    grad = ascend_op.aclnn_gradient(ascend_op.ASCEND_EMULATED)(
+        *ascend_op.cross_entropy_loss_grad_args(ms.Tensor(np.ones(4), ms.bfloat16), x, t, None,
+                                                "none", -100))
+    assert grad.shape == (4, 3) and grad.dtype == ms.bfloat16
+    bce = ascend_op.aclnn_call(ascend_op.ASCEND_EMULATED,
+                               ascend_op.AclnnBinaryCrossEntropyWithLogits,
+                               ascend_op.bce_with_logits_args(x, x, None, None, "sum"), "sum")
+    assert bce.shape == (1,) and bce.dtype == ms.bfloat16
+
+
+def test_rows_lse_is_recovered_from_log_prob(emulated_calls):
+    """The vendor rows' lse (from log_prob at the argmax column) matches float64, also for a row
+    of -inf logits except one, a row of all -inf (lse = -inf) and ignored rows."""
+    x, t, _ = make_case(5, 7, seed=22, ignore_fraction=0.0)
+    x[1, 1:] = -np.inf
+    x[2] = -np.inf
+    t[2] = IGNORE_INDEX
+    t[3] = IGNORE_INDEX
+    with ms_xent.use_backend("ascend_emulated"):
+        loss_rows, lse, row_weight = cross_entropy_rows(ms.Tensor(x), ms.Tensor(t))
+    assert emulated_calls, "the vendor route was not taken"
+    with np.errstate(divide="ignore"):
+        expected_lse = np.log(np.exp(x.astype(np.float64)).sum(axis=1))
+    np.testing.assert_allclose(to_numpy(lse), expected_lse, rtol=1e-6)
+    np.testing.assert_array_equal(to_numpy(row_weight), [1, 1, 0, 0, 1])
+    assert to_numpy(loss_rows)[2] == 0 and to_numpy(loss_rows)[3] == 0
+
+
+def test_selfcheck_runs_and_writes_markdown(tmp_path):
+    from ms_xent import selfcheck  # pylint: disable=import-outside-toplevel
+    path = tmp_path / "selfcheck.md"
+    status = selfcheck.main(["--quick", "--only", "binary_cross", "--markdown", str(path)])
+    text = path.read_text(encoding="utf-8")
+    assert status == 0, text
+    assert "vendor (Ascend) operators are EMULATED" in text
+    for route in ("cpu kernels", "composed", "ascend_emulated"):
+        assert f"| {route}" in text
+    assert "9 passed, 0 failed." in text
