@@ -830,10 +830,11 @@ def test_bce_aclnn_custom_route_builds_the_custom(ascend):
 def test_every_choice_on_the_emulated_and_ascend_rows():
     """Cross-entropy and per-row choices for every option: the vendor route exactly when the
     vendor serves the call (the emulated row follows the ascend table), composed otherwise."""
-    for (request, soft, weighted, smoothing, zloss, n_rows, too_large, logit_map) in (
+    for (request, soft, weighted, smoothing, zloss, n_rows, too_large, logit_map, half) in (
             itertools.product((backend.ASCEND, backend.ASCEND_EMULATED), (False, True),
                               (False, True), (0.0, 0.1), (False, True),
-                              (-1, 0, 1, 199999, 200000), (False, True), (False, True))):
+                              (-1, 0, 1, 199999, 200000), (False, True), (False, True),
+                              (False, True))):
         device = "Ascend" if request == backend.ASCEND else "CPU"
         vendor = (backend.ASCEND_EMULATED if request == backend.ASCEND_EMULATED
                   else backend.ASCEND_BUILTIN)
@@ -846,9 +847,10 @@ def test_every_choice_on_the_emulated_and_ascend_rows():
         assert loss_choice == (vendor if servable else backend.COMPOSED)
         rows_choice = backend.choose_cross_entropy_rows_backend(
             device, requested=request, soft_target=soft, weighted=weighted, logit_map=logit_map,
-            n_rows=n_rows, ignore_index_too_large=too_large)
-        # Rows: smoothing and the z-loss (through lse) are composed around the vendor call.
-        rows_servable = in_range and not (soft or weighted or logit_map)
+            half_precision=half, n_rows=n_rows, ignore_index_too_large=too_large)
+        # Rows: smoothing and the z-loss (through lse) are composed around the vendor call;
+        # half-precision logits go to composed (the vendor rounds loss and log_prob to them).
+        rows_servable = in_range and not (soft or weighted or logit_map or half)
         assert rows_choice == (vendor if rows_servable else backend.COMPOSED)
     assert backend.choose_cross_entropy_rows_backend("CPU") == backend.CPU_KERNEL
     assert backend.choose_rows_backend("CPU", requested=backend.ASCEND_EMULATED) == (

@@ -75,6 +75,9 @@ probability targets [N, C]               composed                vendor: class i
 class weights given                      composed                vendor: weights in (0, 1] only
                                                                  (values unknown when tracing)
 logit_scale != 1 or logit_softcap > 0    composed                vendor: no logit map
+float16 / bfloat16 logits                composed                vendor: loss and log_prob (hence
+                                                                 the lse) rounded to the input
+                                                                 dtype; the rows are float32
 N == 0, or N >= 200000 when N is static  composed                vendor: N in (0, 200000)
 ignore_index >= C                        composed                vendor: ignoreIndex < C
 otherwise (label smoothing and the       vendor route, as for    one fused vendor kernel; smoothing
@@ -87,7 +90,7 @@ Memory, the trade-off of the last row: the vendor route keeps log_prob [N, C] in
 from the forward to the backward (as large as the logits); the memory-lean composed rows keep
 float32 [N] values only and recompute the softmax. ``MS_XENT_BACKEND=composed`` picks the lean
 rows on Ascend. The lse is recovered from log_prob (lse_n = x[n, c*] - log_prob[n, c*] at the
-row's argmax), so in bfloat16 / float16 it carries log_prob's rounding.
+row's argmax).
 
 ``RowKernels`` (vocabulary-parallel rows, the row chunks of linear + cross-entropy) need the
 per-row shift state of a partial vocabulary, which the vendor operator does not expose: on the
@@ -258,14 +261,14 @@ def choose_cross_entropy_backend(device_target_name, *, requested=AUTO, soft_tar
 
 
 def choose_cross_entropy_rows_backend(device_target_name, *, requested=AUTO, soft_target=False,
-                                      weighted=False, logit_map=False, n_rows=-1,
-                                      ignore_index_too_large=False, builtin_available=True,  # pylint: disable=redefined-outer-name
+                                      weighted=False, logit_map=False, half_precision=False,
+                                      n_rows=-1, ignore_index_too_large=False, builtin_available=True,  # pylint: disable=redefined-outer-name
                                       variant=ASCEND_BUILTIN):
     """The backend of :func:`ms_xent.ops.cross_entropy_rows` (the Cells); see the module table."""
     row = requested_row(device_target_name, requested)
     if row not in VENDOR_ROWS:
         return row
-    if soft_target or weighted or logit_map:
+    if soft_target or weighted or logit_map or half_precision:
         return COMPOSED
     if n_rows == 0 or n_rows > VENDOR_MAX_ROWS or ignore_index_too_large:
         return COMPOSED
@@ -319,10 +322,11 @@ def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss, 
 
 
 @constexpr
-def _cross_entropy_rows_backend(input_shape, soft, weighted, ignore_index, logit_map):
+def _cross_entropy_rows_backend(input_shape, input_dtype, soft, weighted, ignore_index, logit_map):
     return choose_cross_entropy_rows_backend(
         device_target(), requested=requested_backend(), soft_target=soft, weighted=weighted,
-        logit_map=logit_map, n_rows=static_size(input_shape[0]),
+        logit_map=logit_map, half_precision=input_dtype in (ms.float16, ms.bfloat16),
+        n_rows=static_size(input_shape[0]),
         ignore_index_too_large=_ignore_index_too_large(input_shape, ignore_index),
         builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant())
 
@@ -364,7 +368,8 @@ def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, so
     """:func:`ms_xent.ops.cross_entropy_rows` (arguments validated, weight None or float32 [C])."""
     arguments = (logits, target, weight, ignore_index, label_smoothing, soft, logit_scale,
                  logit_softcap, return_argmax)
-    choice = _cross_entropy_rows_backend(logits.shape, soft, weight is not None, ignore_index,
+    choice = _cross_entropy_rows_backend(logits.shape, logits.dtype, soft, weight is not None,
+                                         ignore_index,
                                          logit_scale != 1.0 or logit_softcap > 0)
     if choice == CPU_KERNEL:
         return cpu.cross_entropy_rows(*arguments)

@@ -23,6 +23,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import constexpr
 
+from ms_xent._backends._mindspore import expm1, log1p
+
 
 F32 = ms.float32
 # C type of each reg_info attribute value type, as MindSpore maps them for aclnn.
@@ -70,7 +72,8 @@ def check_call(spec_constants, tensor_dtypes, host_values):
 def _check_cross_entropy_values(symbol, input_shape, reduction, ignore_index, label_smoothing,
                                 zloss_scale, return_zloss, zloss_inputs, max_rows):
     n_rows, n_classes = input_shape
-    if not 0 < n_rows <= max_rows:
+    # A dynamic N (None or negative when compiling) is checked by the vendor at run time.
+    if n_rows is not None and n_rows >= 0 and not 0 < n_rows <= max_rows:
         _refuse(symbol, f"N must be in (0, {max_rows}], got {n_rows}")
     if reduction not in VENDOR_REDUCTIONS:
         _refuse(symbol, f"reductionOptional must be one of {VENDOR_REDUCTIONS}, got {reduction!r}")
@@ -194,13 +197,17 @@ class EmulatedCrossEntropyLossGrad(nn.Cell):
             upstream = upstream / target_weight.sum()
         per_row = (upstream * target_weight).reshape(-1, 1)
         one_hot = ops.one_hot(safe_target, n_classes, ms.Tensor(1.0, F32), ms.Tensor(0.0, F32))
-        grad = per_row * (ops.exp(log_prob.astype(F32)) - one_hot)
+        # p - onehot(y), the target's entry as expm1(log p[y]) (float32 arithmetic at its best:
+        # the emulator stands for the vendor's contract, not for its rounding).
+        log_p = log_prob.astype(F32)
+        grad = per_row * ops.select(one_hot > 0, expm1(log_p), ops.exp(log_p))
         return grad.astype(grad_loss.dtype)
 
 
 class EmulatedBinaryCrossEntropyWithLogits(nn.Cell):
-    """aclnnBinaryCrossEntropyWithLogits on CPU: PyTorch's formula
-    l = w ((1 - t) x + (1 + (pw - 1) t) softplus(-x)), weight and posWeight broadcast to the
+    """aclnnBinaryCrossEntropyWithLogits on CPU: the documented
+    l = -w (pw t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))) as w (pw t softplus(-x) +
+    (1 - t) softplus(x)) (no cancellation at x << 0), weight and posWeight broadcast to the
     target; reduction 0 none ([shape of self]), 1 mean, 2 sum ([1]); output in the target's
     dtype."""
 
@@ -215,7 +222,6 @@ class EmulatedBinaryCrossEntropyWithLogits(nn.Cell):
         self.relu = ops.ReLU()
         self.abs = ops.Abs()
         self.exp = ops.Exp()
-        self.log1p = ops.Log1p()
 
     def bprop(self, input, target, weight, pos_weight, out, dout):  # pylint: disable=redefined-builtin
         # The bprop of the aclnn Custom it stands in for (vendor_op), unchanged.
@@ -229,9 +235,9 @@ class EmulatedBinaryCrossEntropyWithLogits(nn.Cell):
         _check_bce_values(input.shape, target.shape, reduction)
         x = input.astype(F32)
         t = target.astype(F32)
-        log_weight = 1.0 if pos_weight is None else 1.0 + (pos_weight.astype(F32) - 1.0) * t
-        softplus_neg = self.relu(-x) + self.log1p(self.exp(-self.abs(x)))
-        loss = (1.0 - t) * x + log_weight * softplus_neg
+        positive = t if pos_weight is None else pos_weight.astype(F32) * t
+        tail = log1p(self.exp(-self.abs(x)))  # accurate (MindSpore's CPU Log1p is log(1 + x))
+        loss = positive * (self.relu(-x) + tail) + (1.0 - t) * (self.relu(x) + tail)
         if weight is not None:
             loss = loss * weight.astype(F32)
         if reduction == 1:

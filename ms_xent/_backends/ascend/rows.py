@@ -77,6 +77,10 @@ class VendorRowsCell(nn.Cell):
         if self.label_smoothing > 0:
             smooth = (self.label_smoothing * row_grad).reshape(-1, 1)
             grad = grad + smooth * (p - 1.0 / logits.shape[1])
+        # Exact zeros on rows without an upstream gradient, whatever their logits hold (an ignored
+        # row of -inf has p = NaN).
+        silent = (row_grad == 0) & (dout[1] == 0)
+        grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype), self.zeros_like(target)
 
 
