@@ -238,6 +238,8 @@ class EmulatedBinaryCrossEntropyWithLogits(nn.Cell):
         positive = t if pos_weight is None else pos_weight.astype(F32) * t
         tail = log1p(self.exp(-self.abs(x)))  # accurate (MindSpore's CPU Log1p is log(1 + x))
         loss = positive * (self.relu(-x) + tail) + (1.0 - t) * (self.relu(x) + tail)
+        # x = -inf: the documented formula's (1 - t) x + (1 + (pw - 1) t) softplus(-x) is NaN.
+        loss = ops.select(x == float("-inf"), loss * float("nan"), loss)
         if weight is not None:
             loss = loss * weight.astype(F32)
         if reduction == 1:
