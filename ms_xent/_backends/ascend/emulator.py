@@ -129,7 +129,15 @@ class EmulatedCrossEntropyLoss(nn.Cell):
         _check_cross_entropy_values(self.symbol, input.shape, reduction, ignore_index,
                                     label_smoothing, zloss_scale, return_zloss, False,
                                     FORWARD_MAX_ROWS)
-        log_prob = ops.log_softmax(input.astype(F32), 1)
+        x = input.astype(F32)
+        # NaN propagates to its row (MindSpore's CPU LogSoftmax skips it in the max).
+        row_max = ops.amax(x, 1, keepdims=True)
+        shifted = x - ops.select(ops.isfinite(row_max), row_max, self.zeros_like(row_max))
+        # (x - m) - log sum exp(x - m): to a few float32 ulp (MindSpore's CPU LogSoftmax is ~10
+        # ulp off); NaN propagates to its row (amax skips it).
+        log_prob = shifted - ops.log(ops.exp(shifted).sum(axis=1, keepdims=True))
+        log_prob = ops.masked_fill(log_prob, ops.isnan(x).any(axis=1).reshape(-1, 1),
+                                   float("nan"))
         class_weight = ops.ones((input.shape[1],), F32) if weight is None else weight
         weighted = -log_prob * class_weight
         # ignoreIndex < 0 ignores nothing (seed); targets outside [0, C) are undefined for the
