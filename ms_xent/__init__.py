@@ -4,7 +4,7 @@
 - :mod:`ms_xent.nn`: loss Cells (``CrossEntropyLoss``, ``BCEWithLogitsLoss``, ``LinearCrossEntropyLoss``).
 - :mod:`ms_xent.mindformers`: registration with MindFormers (optional dependency).
 - :func:`use_backend`: run the calls inside a ``with`` block on one backend ("auto", "cpu",
-  "composed", "ascend"), overriding ``MS_XENT_BACKEND`` (see ``ms_xent/_backends/dispatch.py``).
+  "composed", "ascend", "ascend_emulated"), overriding ``MS_XENT_BACKEND`` (see ``ms_xent/_backends/dispatch.py``).
 """
 
 from ms_xent import nn, ops

@@ -21,7 +21,10 @@ import ms_xent  # noqa: E402
 
 MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 # The backends the modules marked with the `backend` fixture run over: MS_XENT_TEST_BACKENDS
-# (comma-separated), else the one MS_XENT_BACKEND forces, else both CPU-capable backends.
+# (comma-separated), else the one MS_XENT_BACKEND forces, else the CPU kernels and composed. On CPU
+# they can also be "ascend_emulated" (the Ascend-route code with the vendor operators' CPU
+# emulator, test infrastructure): `MS_XENT_BACKEND=ascend_emulated python -m pytest -q` runs the
+# op, Cell and BCE modules on it with the same oracles and tolerances.
 BACKENDS = tuple(name.strip() for name in os.environ.get(
     "MS_XENT_TEST_BACKENDS", os.environ.get("MS_XENT_BACKEND", "cpu,composed")).split(",")
     if name.strip() and name.strip() != "auto") or ("cpu", "composed")

@@ -4,8 +4,8 @@
 - The Ascend registration objects (ms_xent._backends.ascend.vendor_op) against the aclnn C prototypes:
   parameter count, order, names and C types (through MindSpore's own reg_info -> C type mapping
   and its own header parser), optional inputs, documented dtypes, output shapes and dtypes, and
-  the positional call arguments. The prototypes are data below, checked against the seed
-  documents when those are present.
+  the positional call arguments. The prototypes and limits are the vendor documents' facts in
+  tests/data/vendor_facts.json.
 - The dispatch of the public API when the device is Ascend, simulated by patching the device
   target: vendor routes must reach the vendor primitive (which then fails on CPU, in PyNative at
   kernel lookup, in GRAPH_MODE only after the whole graph, bprop included, was built), composed
@@ -16,6 +16,7 @@
 
 import glob
 import itertools
+import json
 import os
 import re
 
@@ -28,6 +29,7 @@ from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, Cust
 import ms_xent
 from ms_xent._backends import composed
 from ms_xent._backends import dispatch as backend
+from ms_xent._backends.ascend import emulator
 from ms_xent._backends.ascend import vendor_op as ascend_op
 from ms_xent.ops import (binary_cross_entropy_with_logits, cross_entropy_loss,
                          cross_entropy_loss_grad, cross_entropy_rows)
@@ -36,36 +38,16 @@ from tests.reference import (IGNORE_INDEX, assert_close, assert_close_to_peak,
                              to_ms, to_numpy, torch_bce_with_logits)
 
 REDUCTIONS = ("mean", "sum", "none")
-SEEDS_DIR = os.environ.get("MS_XENT_SEEDS_DIR", "/work/shared/seeds")
+# The vendor documents' facts (prototypes, torch_npu signature, limits), kept as test data.
+with open(os.path.join(os.path.dirname(__file__), "data", "vendor_facts.json"),
+          encoding="utf-8") as _facts:
+    VENDOR_FACTS = json.load(_facts)
 
 # ---- the aclnn prototypes ---------------------------------------------------------------------
-# Parameters of aclnnXxxGetWorkspaceSize. Grad and BCE: as in the seed documents
-# (aclnnCrossEntropyLossGrad.txt, aclnnBinaryCrossEntropyWithLogits.txt). Forward: the seeds hold
-# only the torch_npu page, so the C prototype is CANN's aclnnCrossEntropyLoss page
-# (https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/82RC1alpha002/API/aolapi/
-# context/aclnnCrossEntropyLoss.md); test_forward_prototype_matches_torch_npu_seed checks it
-# against the torch_npu seed.
-PROTOTYPES = {
-    "aclnnCrossEntropyLoss": (
-        "const aclTensor *input, const aclTensor *target, const aclTensor *weightOptional, "
-        "char *reductionOptional, int64_t ignoreIndex, double labelSmoothing, "
-        "double lseSquareScaleForZloss, bool returnZloss, const aclTensor *lossOut, "
-        "const aclTensor *logProbOut, const aclTensor *zlossOut, const aclTensor *lseForZlossOut, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-    "aclnnCrossEntropyLossGrad": (
-        "const aclTensor *gradLoss, const aclTensor *logProb, const aclTensor *target, "
-        "const aclTensor *weightOptional, const aclTensor *gradZlossOptional, "
-        "const aclTensor *lseForZlossOptional, char *reductionOptional, int64_t ignoreIndex, "
-        "double labelSmoothing, double lseSquareScaleForZloss, const aclTensor *out, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-    "aclnnBinaryCrossEntropyWithLogits": (
-        "const aclTensor *self, const aclTensor *target, const aclTensor *weightOptional, "
-        "const aclTensor *posWeightOptional, int64_t reduction, aclTensor *out, "
-        "uint64_t *workspaceSize, aclOpExecutor **executor"),
-}
+# Parameters of aclnnXxxGetWorkspaceSize, from tests/data/vendor_facts.json.
+PROTOTYPES = VENDOR_FACTS["aclnn_prototypes"]
 # How many of the trailing aclTensor parameters are outputs (from the parameter tables).
-N_OUTPUTS = {"aclnnCrossEntropyLoss": 4, "aclnnCrossEntropyLossGrad": 1,
-             "aclnnBinaryCrossEntropyWithLogits": 1}
+N_OUTPUTS = VENDOR_FACTS["aclnn_output_count"]
 HALF_AND_SINGLE = {"float16", "float32", "bfloat16"}
 # Documented dtypes of each tensor parameter; "=x" means "the dtype of parameter x".
 DOCUMENTED_DTYPES = {
@@ -161,7 +143,8 @@ def test_output_shapes_and_dtypes(reduction):
     loss = [n_rows] if reduction == "none" else [1]
     shapes = ascend_op.cross_entropy_loss_out_shapes(reduction)(
         [n_rows, n_classes], [n_rows], [n_classes], [], [], [], [], [])
-    assert shapes == (loss, [n_rows, n_classes], loss, [n_rows])
+    # z-loss off (the only vendor mode): zlossOut and lseForZlossOut are empty tensors.
+    assert shapes == (loss, [n_rows, n_classes], [0], [0])
     assert ascend_op.cross_entropy_loss_grad_out_shape(
         [], [n_rows, n_classes], [n_rows], [n_classes]) == [n_rows, n_classes]
     code = ascend_op.BCE_REDUCTION_VALUES[reduction]
@@ -216,28 +199,18 @@ def test_custom_primitives_build_on_cpu_without_touching_the_cwd(monkeypatch, tm
     assert os.environ["MS_COMPILER_CACHE_PATH"].startswith(str(tmp_path))
 
 
-# ---- seed documents ---------------------------------------------------------------------------
+# ---- the vendor documents' facts ----------------------------------------------------------------
 
-def read_seed(name):
-    path = os.path.join(SEEDS_DIR, name)
-    if not os.path.exists(path):
-        pytest.skip(f"seed document {path} is not in this checkout (set MS_XENT_SEEDS_DIR); the "
-                    "prototypes are still checked from the copies in this file")
-    with open(path, encoding="utf-8") as handle:
-        return handle.read()
-
-
-def normalise(text):
-    return re.sub(r"\s+", " ", text).strip()
-
-
-@pytest.mark.parametrize("symbol,seed", [
-    ("aclnnCrossEntropyLossGrad", "aclnnCrossEntropyLossGrad.txt"),
-    ("aclnnBinaryCrossEntropyWithLogits", "aclnnBinaryCrossEntropyWithLogits.txt")])
-def test_prototypes_match_seed_documents(symbol, seed):
-    text = read_seed(seed)
-    match = re.search(symbol + r"GetWorkspaceSize\((.*?)\)", text, re.S)
-    assert normalise(match.group(1)) == normalise(PROTOTYPES[symbol])
+def test_limits_in_the_code_are_the_documented_ones():
+    limits = VENDOR_FACTS["limits"]
+    assert backend.VENDOR_MAX_ROWS == limits["grad_max_rows_exclusive"] - 1
+    assert emulator.FORWARD_MAX_ROWS == limits["forward_max_rows"]
+    assert emulator.GRAD_MAX_ROWS == limits["grad_max_rows_exclusive"] - 1
+    assert {int(code): name for code, name in limits["bce_reduction_codes"].items()} == (
+        ascend_op.BCE_REDUCTION_CODES)
+    assert SPECS["aclnnCrossEntropyLoss"].dtype_rows[0][1] == limits["target_dtype"]
+    assert {row[2] for row in SPECS["aclnnCrossEntropyLoss"].dtype_rows} == {
+        limits["weight_dtype"]}
 
 
 def snake(name):
@@ -246,9 +219,9 @@ def snake(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def test_forward_prototype_matches_torch_npu_seed():
-    text = read_seed("npu_cross_entropy_loss.txt")
-    match = re.search(r"npu_cross_entropy_loss\((.*?)\)\s*->\s*\((.*?)\)", text, re.S)
+def test_forward_prototype_matches_torch_npu_signature():
+    match = re.search(r"npu_cross_entropy_loss\((.*?)\)\s*->\s*\((.*?)\)",
+                      VENDOR_FACTS["torch_npu_signature"], re.S)
     seed_params = [re.fullmatch(r"\s*(\w+\??)\s+(\w+)(?:=.*)?\s*", part).groups()
                    for part in match.group(1).split(",")]
     params = operator_params("aclnnCrossEntropyLoss")
@@ -257,8 +230,7 @@ def test_forward_prototype_matches_torch_npu_seed():
                   "int": "int64_t", "float": "double", "bool": "bool"}
     assert [(torch_to_c[t], n) for t, n in seed_params] == [(c, snake(n)) for c, n in inputs]
     assert match.group(2).split(", ") == ["Tensor"] * len(outputs)
-    documented_outputs = re.findall(r"^\s*•\s*(\w+)\s*[:：]", text.split("输出说明")[1], re.M)
-    assert documented_outputs == [snake(name) for _, name in outputs]
+    assert VENDOR_FACTS["torch_npu_outputs"] == [snake(name) for _, name in outputs]
 
 
 # ---- backend choice ---------------------------------------------------------------------------
@@ -476,8 +448,9 @@ def test_aclnn_custom_route_builds_forward_and_grad_customs(ascend, tmp_path):
         ms.set_context(save_graphs=0, save_graphs_path=graphs_path)
     graphs = "".join(open(path, encoding="utf-8").read()
                      for path in glob.glob(str(tmp_path / "**" / "*.ir"), recursive=True))
-    assert re.search(r"= Custom\([^\n]*\"sum\", I64\(2\), F32\(0\), F32\(0\), Bool\(0\)\)", graphs)
-    assert re.search(r"= Custom\([^\n]*None, None, \"sum\", I64\(2\), F32\(0\), F32\(0\)\)",
+    # The vendor is always called with reduction "none" (ms_xent reduces and masks).
+    assert re.search(r"= Custom\([^\n]*\"none\", I64\(2\), F32\(0\), F32\(0\), Bool\(0\)\)", graphs)
+    assert re.search(r"= Custom\([^\n]*None, None, \"none\", I64\(2\), F32\(0\), F32\(0\)\)",
                      graphs), "the bprop's aclnnCrossEntropyLossGrad call"
 
 
@@ -796,7 +769,7 @@ def test_bce_routes_vs_torch(ascend, monkeypatch, route, pos_weighted, mode):
     for reduction in REDUCTIONS:
         loss, grad_x, grad_t = bce_api(mode, x, t, w, pw, reduction)
         if mode == "pynative":
-            assert vendor_calls == ([True] if route == backend.ASCEND_BUILTIN else [])
+            assert vendor_calls == ([route] if route == backend.ASCEND_BUILTIN else [])
             vendor_calls.clear()
         expected, expected_x, expected_t = torch_bce_with_logits(x, t, w, pw, reduction)
         assert loss.shape == expected.shape
@@ -850,3 +823,172 @@ def test_bce_aclnn_custom_route_builds_the_custom(ascend):
     ms.set_context(mode=ms.GRAPH_MODE)
     with pytest.raises(RuntimeError, match="'aclnnBinaryCrossEntropyWithLogits' is illegal"):
         bce_api("graph", x, t, w, pw, "mean")
+
+
+# ---- the vendor emulator (ascend_emulated) and the Ascend rows ----------------------------------
+
+def test_every_choice_on_the_emulated_and_ascend_rows():
+    """Cross-entropy and per-row choices for every option: the vendor route exactly when the
+    vendor serves the call (the emulated row follows the ascend table), composed otherwise."""
+    for (request, soft, weighted, smoothing, zloss, n_rows, too_large, logit_map, half) in (
+            itertools.product((backend.ASCEND, backend.ASCEND_EMULATED), (False, True),
+                              (False, True), (0.0, 0.1), (False, True),
+                              (-1, 0, 1, 199999, 200000), (False, True), (False, True),
+                              (False, True))):
+        device = "Ascend" if request == backend.ASCEND else "CPU"
+        vendor = (backend.ASCEND_EMULATED if request == backend.ASCEND_EMULATED
+                  else backend.ASCEND_BUILTIN)
+        in_range = (n_rows < 0 or 0 < n_rows < 200000) and not too_large
+        loss_choice = backend.choose_cross_entropy_backend(
+            device, requested=request, soft_target=soft, weighted=weighted,
+            label_smoothing=smoothing, zloss=zloss, n_rows=n_rows, logit_map=logit_map,
+            ignore_index_too_large=too_large)
+        servable = in_range and not (soft or weighted or smoothing or zloss or logit_map)
+        assert loss_choice == (vendor if servable else backend.COMPOSED)
+        rows_choice = backend.choose_cross_entropy_rows_backend(
+            device, requested=request, soft_target=soft, weighted=weighted, logit_map=logit_map,
+            half_precision=half, n_rows=n_rows, ignore_index_too_large=too_large)
+        # Rows: smoothing and the z-loss (through lse) are composed around the vendor call;
+        # half-precision logits go to composed (the vendor rounds loss and log_prob to them).
+        rows_servable = in_range and not (soft or weighted or logit_map or half)
+        assert rows_choice == (vendor if rows_servable else backend.COMPOSED)
+    assert backend.choose_cross_entropy_rows_backend("CPU") == backend.CPU_KERNEL
+    assert backend.choose_rows_backend("CPU", requested=backend.ASCEND_EMULATED) == (
+        backend.COMPOSED)
+    with pytest.raises(ValueError, match="MS_XENT_BACKEND=ascend_emulated needs device CPU"):
+        backend.choose_cross_entropy_backend("Ascend", requested=backend.ASCEND_EMULATED)
+    assert backend.choose_bce_backend("CPU", requested=backend.ASCEND_EMULATED,
+                                      pos_weighted=True) == backend.ASCEND_EMULATED
+    assert backend.choose_bce_backend("CPU", requested=backend.ASCEND_EMULATED,
+                                      n_elements=0) == backend.COMPOSED
+
+
+@pytest.fixture(name="emulated_calls")
+def fixture_emulated_calls(monkeypatch):
+    """Records every emulated aclnn call as (symbol, positional arguments)."""
+    calls = []
+    make = ascend_op._emulated_operator  # pylint: disable=protected-access
+
+    def recording(symbol, reduction, host_values):
+        operator = make(symbol, reduction, host_values)
+
+        def call(*tensors):
+            calls.append((symbol, tensors + host_values))
+            return operator(*tensors)
+        return call
+    monkeypatch.setattr(ascend_op, "_emulated_operator", recording)
+    return calls
+
+
+def test_each_emulated_vendor_call_gets_the_prototype_arguments(emulated_calls):
+    """Every call the Ascend route makes (loss and its bprop, loss_grad, rows and their bprop, BCE)
+    reaches the emulated operator with the prototype's arguments: count, order, C types (a None
+    only for an Optional parameter) and the documented tensor dtypes."""
+    x, t, _ = make_case(6, 5, seed=21, ignore_fraction=0.3)
+    xt, tt = ms.Tensor(x), ms.Tensor(t)
+    with ms_xent.use_backend("ascend_emulated"):
+        ms.grad(lambda a: cross_entropy_loss(a, tt, reduction="mean")[0])(xt)
+        cross_entropy_loss_grad(ms.Tensor(1.0), xt, tt, reduction="sum")
+        ms.grad(lambda a: cross_entropy_rows(a, tt, label_smoothing=0.1)[1].sum())(xt)
+        ms.grad(lambda a: binary_cross_entropy_with_logits(a, ms.ops.sigmoid(xt), None,
+                                                           ms.Tensor(np.ones(5, np.float32))))(xt)
+    symbols = [symbol for symbol, _ in emulated_calls]
+    assert symbols.count("aclnnCrossEntropyLoss") == 2
+    assert symbols.count("aclnnCrossEntropyLossGrad") == 3
+    assert symbols.count("aclnnBinaryCrossEntropyWithLogits") == 1
+    for symbol, arguments in emulated_calls:
+        params = operator_params(symbol)[:-N_OUTPUTS[symbol]]
+        assert [c_type_of(a) for a in arguments] == [c_type for c_type, _ in params], symbol
+        documented = DOCUMENTED_DTYPES[symbol]
+        for argument, (_, name) in zip(arguments, params):
+            assert argument is not None or name.endswith("Optional"), (symbol, name)
+            if isinstance(argument, ms.Tensor) and isinstance(documented[name], set):
+                assert str(argument.dtype).lower() in documented[name], (symbol, name)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("smoothing_in_grad", "labelSmoothing must be 0.0"),
+    ("zloss", "zloss is not supported"),
+    ("int32_target", "unsupported dtypes"),
+    ("too_many_rows", r"N must be in \(0, 199999\]"),
+    ("ignore_index_too_large", "ignoreIndex must be less than C"),
+    ("string_reduction_code", "reduction must be a int"),
+])
+def test_emulator_refuses_what_the_vendor_refuses(case, message):
+    x = ms.Tensor(np.zeros((4, 3), np.float32))
+    t = ms.Tensor(np.zeros(4, np.int64))
+    w = ms.Tensor(np.ones(3, np.float32))
+    emulated = ascend_op.ASCEND_EMULATED
+    calls = {
+        "smoothing_in_grad": lambda: ascend_op.aclnn_gradient(emulated)(
+            x, x, t, None, None, None, "none", -100, 0.1, 0.0),
+        "zloss": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, "none", -100, 0.0, 0.1, True), "none"),
+        "int32_target": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t.astype(ms.int32), w, "none", -100), "none"),
+        "too_many_rows": lambda: ascend_op.aclnn_gradient(emulated)(
+            ms.Tensor(np.zeros(200000, np.float32)), ms.Tensor(np.zeros((200000, 3), np.float32)),
+            ms.Tensor(np.zeros(200000, np.int64)), None, None, None, "none", -100, 0.0, 0.0),
+        "ignore_index_too_large": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, "none", 3), "none"),
+        "string_reduction_code": lambda: ascend_op.aclnn_call(
+            emulated, ascend_op.AclnnBinaryCrossEntropyWithLogits, (x, x, None, None, "mean"),
+            "mean"),
+    }
+    with pytest.raises(ValueError, match="ACLNN_ERR_PARAM_INVALID.*" + message):
+        calls[case]()
+
+
+def test_emulated_outputs_follow_the_contract():
+    """Dtypes and shapes of the emulated outputs, zero-size z-loss outputs, the BCE output in the
+    target's dtype."""
+    x = ms.Tensor(np.random.default_rng(3).standard_normal((4, 3)), ms.bfloat16)
+    t = ms.Tensor(np.array([0, 2, 1, 2], np.int64))
+    w = ms.Tensor(np.ones(3, np.float32))
+    for reduction, loss_shape in (("none", (4,)), ("sum", (1,)), ("mean", (1,))):
+        outputs = ascend_op.aclnn_call(
+            ascend_op.ASCEND_EMULATED, ascend_op.AclnnCrossEntropyLoss,
+            ascend_op.cross_entropy_loss_args(x, t, w, reduction, -100), reduction)
+        assert [o.shape for o in outputs] == [loss_shape, (4, 3), (0,), (0,)]
+        assert {o.dtype for o in outputs} == {ms.bfloat16}
+    grad = ascend_op.aclnn_gradient(ascend_op.ASCEND_EMULATED)(
+        *ascend_op.cross_entropy_loss_grad_args(ms.Tensor(np.ones(4), ms.bfloat16), x, t, None,
+                                                "none", -100))
+    assert grad.shape == (4, 3) and grad.dtype == ms.bfloat16
+    bce = ascend_op.aclnn_call(ascend_op.ASCEND_EMULATED,
+                               ascend_op.AclnnBinaryCrossEntropyWithLogits,
+                               ascend_op.bce_with_logits_args(x, x, None, None, "sum"), "sum")
+    assert bce.shape == (1,) and bce.dtype == ms.bfloat16
+
+
+def test_rows_lse_is_recovered_from_log_prob(emulated_calls):
+    """The vendor rows' lse (from log_prob at the argmax column) matches float64, also for a row
+    of -inf logits except one, a row of all -inf (lse = -inf) and ignored rows."""
+    x, t, _ = make_case(5, 7, seed=22, ignore_fraction=0.0)
+    x[1, 1:] = -np.inf
+    x[2] = -np.inf
+    t[2] = IGNORE_INDEX
+    t[3] = IGNORE_INDEX
+    with ms_xent.use_backend("ascend_emulated"):
+        loss_rows, lse, row_weight = cross_entropy_rows(ms.Tensor(x), ms.Tensor(t))
+    assert emulated_calls, "the vendor route was not taken"
+    with np.errstate(divide="ignore"):
+        expected_lse = np.log(np.exp(x.astype(np.float64)).sum(axis=1))
+    np.testing.assert_allclose(to_numpy(lse), expected_lse, rtol=1e-6)
+    np.testing.assert_array_equal(to_numpy(row_weight), [1, 1, 0, 0, 1])
+    assert to_numpy(loss_rows)[2] == 0 and to_numpy(loss_rows)[3] == 0
+
+
+def test_selfcheck_runs_and_writes_markdown(tmp_path):
+    from ms_xent import selfcheck  # pylint: disable=import-outside-toplevel
+    path = tmp_path / "selfcheck.md"
+    status = selfcheck.main(["--quick", "--only", "binary_cross", "--markdown", str(path)])
+    text = path.read_text(encoding="utf-8")
+    assert status == 0, text
+    assert "vendor (Ascend) operators are EMULATED" in text
+    for route in ("cpu kernels", "composed", "ascend_emulated"):
+        assert f"| {route}" in text
+    assert "9 passed, 0 failed." in text

@@ -10,10 +10,12 @@ built on; the backward recomputes the softmax from the logits and an opaque per-
 - ``ascend``: the vendor operators (:mod:`ms_xent._backends.ascend`), through MindSpore's built-in
   primitive (``ascend_builtin``) or ``ops.Custom(func="aclnnXxx")`` (``ascend_aclnn_custom``); the
   calls they cannot serve fall back to ``composed`` (rows below).
-- (reserved: ``ascend_emulated``, the Ascend kernels' arithmetic run on CPU, would be one more row
-  of :func:`requested_row` and one more branch in each dispatch function below.)
+- ``ascend_emulated`` (TEST INFRASTRUCTURE, CPU only, never chosen by ``auto``): the ``ascend``
+  rows below with the aclnn call replaced by a CPU emulator of the vendor operators' contract
+  (:mod:`ms_xent._backends.ascend.emulator`); everything else is the Ascend-route code.
 
-Choosing: ``MS_XENT_BACKEND`` = ``auto`` (default) | ``cpu`` | ``composed`` | ``ascend``, read by
+Choosing: ``MS_XENT_BACKEND`` = ``auto`` (default) | ``cpu`` | ``composed`` | ``ascend`` |
+``ascend_emulated``, read by
 :func:`requested_backend` only, and overridden in Python by :func:`use_backend` (a context
 manager, also exported as ``ms_xent.use_backend``). The choice is a Python value computed when a
 call is traced (``constexpr``), so it works in PYNATIVE and GRAPH mode alike; a compiled graph
@@ -27,6 +29,7 @@ MS_XENT_BACKEND            device           row
 composed                   any              composed
 cpu                        CPU              cpu      (another device: ValueError)
 ascend                     Ascend           ascend   (another device: ValueError)
+ascend_emulated            CPU              ascend, the vendor emulated (another device: ValueError)
 auto                       CPU              cpu
 auto                       Ascend           ascend
 auto                       GPU, other       composed
@@ -48,6 +51,8 @@ z-loss (scale > 0, return_zloss, or a    composed                vendor: z-loss 
 z-loss gradient)
 logit_scale != 1 or logit_softcap > 0    composed                vendor: no logit map
 N == 0, or N >= 200000 when N is static  composed                vendor: N in (0, 200000)
+ignore_index >= C                        composed                vendor: ignoreIndex < C
+MS_XENT_BACKEND=ascend_emulated          ascend_emulated         the vendor's CPU emulator
 built-in primitive present (and no       ascend_builtin          MindSpore's maintained path
 MS_XENT_ASCEND_BACKEND=aclnn_custom)
 otherwise                                ascend_aclnn_custom     vendor op by name
@@ -60,8 +65,36 @@ Not in the table because every backend serves them: reduction ("mean" is compute
 compile time) goes to the vendor op; an N beyond its limit then fails there with the vendor's
 error, never silently.
 
-Per-row values (:func:`ms_xent.ops.cross_entropy_rows`, the Cells, vocabulary-parallel rows): the
-``ascend`` row runs ``composed``: the vendor operator returns no differentiable per-row lse.
+Per-row values (:func:`ms_xent.ops.cross_entropy_rows`, hence the Cells) on the ``ascend`` row
+(first matching row wins; :mod:`ms_xent._backends.ascend.rows` for the vendor route):
+
+=======================================  ======================  ===================================
+condition                                backend                 reason
+=======================================  ======================  ===================================
+probability targets [N, C]               composed                vendor: class indices only
+class weights given                      composed                vendor: weights in (0, 1] only
+                                                                 (values unknown when tracing)
+logit_scale != 1 or logit_softcap > 0    composed                vendor: no logit map
+float16 / bfloat16 logits                composed                vendor: loss and log_prob (hence
+                                                                 the lse) rounded to the input
+                                                                 dtype; the rows are float32
+N == 0, or N >= 200000 when N is static  composed                vendor: N in (0, 200000)
+ignore_index >= C                        composed                vendor: ignoreIndex < C
+otherwise (label smoothing and the       vendor route, as for    one fused vendor kernel; smoothing
+z-loss of the Cells included)            cross_entropy_loss      (vendor gradient: 0 only) and the
+                                                                 lse gradient 2 s lse p composed
+                                                                 around aclnnCrossEntropyLossGrad
+=======================================  ======================  ===================================
+
+Memory, the trade-off of the last row: the vendor route keeps log_prob [N, C] in the input dtype
+from the forward to the backward (as large as the logits); the memory-lean composed rows keep
+float32 [N] values only and recompute the softmax. ``MS_XENT_BACKEND=composed`` picks the lean
+rows on Ascend. The lse is recovered from log_prob (lse_n = x[n, c*] - log_prob[n, c*] at the
+row's argmax).
+
+``RowKernels`` (vocabulary-parallel rows, the row chunks of linear + cross-entropy) need the
+per-row shift state of a partial vocabulary, which the vendor operator does not expose: on the
+``ascend`` rows they are ``composed``.
 
 BCE with logits on the ``ascend`` row:
 
@@ -69,6 +102,8 @@ BCE with logits on the ``ascend`` row:
 condition                                backend                 reason
 =======================================  ======================  ===================================
 zero-size input                          composed                vendor behaviour at 0 undocumented
+MS_XENT_BACKEND=ascend_emulated          ascend_emulated         the vendor's CPU emulator (as
+                                                                 ascend_aclnn_custom)
 MS_XENT_ASCEND_BACKEND=aclnn_custom,     ascend_aclnn_custom     vendor op by name (its bprop is
 or no built-in primitive                                         ms_xent's closed form)
 pos_weight given                         composed                see below
@@ -109,21 +144,23 @@ from mindspore.ops import constexpr
 from ms_xent._backends import composed
 from ms_xent._backends._mindspore import static_size
 from ms_xent._backends.ascend import backend as ascend
-from ms_xent._backends.ascend.vendor_op import builtin_available
+from ms_xent._backends.ascend.vendor_op import (ASCEND_ACLNN_CUSTOM, ASCEND_BUILTIN,
+                                                ASCEND_EMULATED, builtin_available)
 from ms_xent._backends.cpu import backend as cpu
 
 AUTO = "auto"
 CPU_KERNEL = "cpu"
 COMPOSED = "composed"
 ASCEND = "ascend"
-REQUESTS = (AUTO, CPU_KERNEL, COMPOSED, ASCEND)
+REQUESTS = (AUTO, CPU_KERNEL, COMPOSED, ASCEND, ASCEND_EMULATED)
 BACKEND_VARIABLE = "MS_XENT_BACKEND"
-ASCEND_BUILTIN = "ascend_builtin"
-ASCEND_ACLNN_CUSTOM = "ascend_aclnn_custom"
-BACKENDS = (CPU_KERNEL, ASCEND_BUILTIN, ASCEND_ACLNN_CUSTOM, COMPOSED)
+BACKENDS = (CPU_KERNEL, ASCEND_BUILTIN, ASCEND_ACLNN_CUSTOM, ASCEND_EMULATED, COMPOSED)
+VENDOR_BACKENDS = (ASCEND_BUILTIN, ASCEND_ACLNN_CUSTOM, ASCEND_EMULATED)
 MATMUL_CHUNKS = "matmul_chunks"
 # The device each forced backend needs.
-REQUIRED_DEVICE = {CPU_KERNEL: "CPU", ASCEND: "Ascend"}
+REQUIRED_DEVICE = {CPU_KERNEL: "CPU", ASCEND: "Ascend", ASCEND_EMULATED: "CPU"}
+# The rows whose calls the vendor table (ascend) decides.
+VENDOR_ROWS = (ASCEND, ASCEND_EMULATED)
 
 # Vendor limit on N (rows of the logits): forward (0, 200000], gradient N < 200000.
 VENDOR_MAX_ROWS = 199999
@@ -163,7 +200,8 @@ def requested_backend():
 @contextlib.contextmanager
 def use_backend(name):
     """Runs the calls traced inside the block on backend ``name`` ("auto", "cpu", "composed",
-    "ascend"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs compiled inside the
+    "ascend",
+    "ascend_emulated"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs compiled inside the
     block use it; a graph compiled before keeps its backend.
 
     Args:
@@ -203,7 +241,9 @@ def requested_row(device_target_name, requested=AUTO):
     return ASCEND if device_target_name == "Ascend" else COMPOSED
 
 
-def _vendor_backend(builtin, variant):
+def _vendor_backend(builtin, variant, row=ASCEND):
+    if row == ASCEND_EMULATED:
+        return ASCEND_EMULATED
     if variant == ASCEND_ACLNN_CUSTOM or not builtin:
         return ASCEND_ACLNN_CUSTOM
     return ASCEND_BUILTIN
@@ -212,20 +252,35 @@ def _vendor_backend(builtin, variant):
 def choose_cross_entropy_backend(device_target_name, *, requested=AUTO, soft_target=False,
                                  weighted=False, label_smoothing=0.0, zloss=False, n_rows=-1,
                                  builtin_available=True, variant=ASCEND_BUILTIN,  # pylint: disable=redefined-outer-name
-                                 logit_map=False):
+                                 logit_map=False, ignore_index_too_large=False):
     """The backend for a cross-entropy call (forward or gradient); see the module table.
 
     ``n_rows`` < 0 means unknown at compile time (dynamic shape); ``logit_map``: a logit scale
-    other than 1 or a softcap.
+    other than 1 or a softcap; ``ignore_index_too_large``: ignore_index >= C.
     """
     row = requested_row(device_target_name, requested)
-    if row != ASCEND:
+    if row not in VENDOR_ROWS:
         return row
     if soft_target or weighted or label_smoothing > 0 or zloss or logit_map:
         return COMPOSED
-    if n_rows == 0 or n_rows > VENDOR_MAX_ROWS:
+    if n_rows == 0 or n_rows > VENDOR_MAX_ROWS or ignore_index_too_large:
         return COMPOSED
-    return _vendor_backend(builtin_available, variant)
+    return _vendor_backend(builtin_available, variant, row)
+
+
+def choose_cross_entropy_rows_backend(device_target_name, *, requested=AUTO, soft_target=False,
+                                      weighted=False, logit_map=False, half_precision=False,
+                                      n_rows=-1, ignore_index_too_large=False, builtin_available=True,  # pylint: disable=redefined-outer-name
+                                      variant=ASCEND_BUILTIN):
+    """The backend of :func:`ms_xent.ops.cross_entropy_rows` (the Cells); see the module table."""
+    row = requested_row(device_target_name, requested)
+    if row not in VENDOR_ROWS:
+        return row
+    if soft_target or weighted or logit_map or half_precision:
+        return COMPOSED
+    if n_rows == 0 or n_rows > VENDOR_MAX_ROWS or ignore_index_too_large:
+        return COMPOSED
+    return _vendor_backend(builtin_available, variant, row)
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,11 +294,11 @@ def choose_bce_backend(device_target_name, *, requested=AUTO, n_elements=-1, pos
                        builtin_available=True, variant=ASCEND_BUILTIN):  # pylint: disable=redefined-outer-name
     """The backend for a BCE-with-logits call; ``n_elements`` < 0 means unknown (dynamic)."""
     row = requested_row(device_target_name, requested)
-    if row != ASCEND:
+    if row not in VENDOR_ROWS:
         return row
     if n_elements == 0:
         return COMPOSED
-    vendor = _vendor_backend(builtin_available, variant)
+    vendor = _vendor_backend(builtin_available, variant, row)
     if vendor == ASCEND_BUILTIN and pos_weighted:
         return COMPOSED
     return vendor
@@ -258,13 +313,30 @@ def choose_linear_cross_entropy_backend(device_target_name, *, requested=AUTO,
     return MATMUL_CHUNKS, rows
 
 
+def _ignore_index_too_large(input_shape, ignore_index):
+    n_classes = static_size(input_shape[1])
+    return n_classes >= 0 and ignore_index >= n_classes
+
+
 @constexpr
-def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss, logit_map=False):
+def _cross_entropy_backend(input_shape, soft, weighted, label_smoothing, zloss, ignore_index,
+                           logit_map=False):
     return choose_cross_entropy_backend(
         device_target(), requested=requested_backend(), soft_target=soft, weighted=weighted,
         label_smoothing=label_smoothing, zloss=zloss, n_rows=static_size(input_shape[0]),
         builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant(),
-        logit_map=logit_map)
+        logit_map=logit_map,
+        ignore_index_too_large=_ignore_index_too_large(input_shape, ignore_index))
+
+
+@constexpr
+def _cross_entropy_rows_backend(input_shape, input_dtype, soft, weighted, ignore_index, logit_map):
+    return choose_cross_entropy_rows_backend(
+        device_target(), requested=requested_backend(), soft_target=soft, weighted=weighted,
+        logit_map=logit_map, half_precision=input_dtype in (ms.float16, ms.bfloat16),
+        n_rows=static_size(input_shape[0]),
+        ignore_index_too_large=_ignore_index_too_large(input_shape, ignore_index),
+        builtin_available=builtin_available("CrossEntropyLoss"), variant=ascend_variant())
 
 
 @constexpr
@@ -304,9 +376,14 @@ def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, so
     """:func:`ms_xent.ops.cross_entropy_rows` (arguments validated, weight None or float32 [C])."""
     arguments = (logits, target, weight, ignore_index, label_smoothing, soft, logit_scale,
                  logit_softcap, return_argmax)
-    if rows_backend() == CPU_KERNEL:
+    choice = _cross_entropy_rows_backend(logits.shape, logits.dtype, soft, weight is not None,
+                                         ignore_index,
+                                         logit_scale != 1.0 or logit_softcap > 0)
+    if choice == CPU_KERNEL:
         return cpu.cross_entropy_rows(*arguments)
-    return composed.cross_entropy_rows(*arguments)
+    if choice == COMPOSED:
+        return composed.cross_entropy_rows(*arguments)
+    return ascend.cross_entropy_rows(*arguments, vendor=choice)
 
 
 def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
@@ -315,7 +392,8 @@ def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smo
     """:func:`ms_xent.ops.cross_entropy_loss` (arguments validated, weight None or float32 [C])."""
     logit_map = logit_scale != 1.0 or logit_softcap > 0
     choice = _cross_entropy_backend(input.shape, soft, weight is not None, label_smoothing,
-                                    lse_square_scale_for_zloss > 0 or return_zloss, logit_map)
+                                    lse_square_scale_for_zloss > 0 or return_zloss, ignore_index,
+                                    logit_map)
     arguments = (input, target, weight, reduction, ignore_index, label_smoothing,
                  lse_square_scale_for_zloss, return_zloss, soft)
     if choice == CPU_KERNEL:
@@ -324,7 +402,7 @@ def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smo
     if choice == COMPOSED:
         return composed.cross_entropy_loss(*arguments, logit_scale=logit_scale,
                                            logit_softcap=logit_softcap)
-    return ascend.cross_entropy_loss(*arguments, use_builtin=choice == ASCEND_BUILTIN)
+    return ascend.cross_entropy_loss(*arguments, vendor=choice)
 
 
 def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse_for_zloss,
@@ -333,14 +411,14 @@ def cross_entropy_loss_grad(grad_loss, log_prob, target, weight, grad_zloss, lse
     """:func:`ms_xent.ops.cross_entropy_loss_grad` (arguments validated)."""
     zloss = grad_zloss is not None and lse_for_zloss is not None and lse_square_scale_for_zloss > 0
     choice = _cross_entropy_backend(log_prob.shape, soft, weight is not None, label_smoothing,
-                                    zloss)
+                                    zloss, ignore_index)
     arguments = (grad_loss, log_prob, target, weight, grad_zloss, lse_for_zloss, reduction,
                  ignore_index, label_smoothing, lse_square_scale_for_zloss, soft)
     if choice == CPU_KERNEL:
         return cpu.cross_entropy_loss_grad(*arguments)
     if choice == COMPOSED:
         return composed.cross_entropy_loss_grad(*arguments)
-    return ascend.cross_entropy_loss_grad(*arguments, use_builtin=choice == ASCEND_BUILTIN)
+    return ascend.cross_entropy_loss_grad(*arguments, vendor=choice)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):  # pylint: disable=redefined-builtin
@@ -353,4 +431,4 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
         return composed.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
                                                          reduction)
     return ascend.binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
-                                                   use_builtin=choice == ASCEND_BUILTIN)
+                                                   vendor=choice)

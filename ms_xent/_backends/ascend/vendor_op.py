@@ -38,22 +38,34 @@ Vendor limits that shape how these are called (from the seed documents):
 - The gradient op accepts only label_smoothing 0 and null z-loss inputs; targets are int64.
 """
 
+import functools
 import os
 
 import mindspore as ms
 from mindspore import ops
 from mindspore.ops import auto_generate as generated_ops
 
-from ms_xent._backends._mindspore import cached_primitive, counted_rows, safe_divide
+from ms_xent._backends._mindspore import cached_primitive, counted_rows, total
+from ms_xent._backends._reductions import reduce_rows, upstream_per_row
+from ms_xent._backends.ascend import emulator
 from ms_xent._backends.composed import binary_cross_entropy_with_logits_grad
 from ms_xent._backends.cpu.aot_primitive import FLOAT_DTYPES, KernelSpec, build_reg_info, dtype_rows
 from ms_xent._backends.cpu.build import cache_root
 
+# The vendor routes: MindSpore's built-in primitive, ops.Custom(func="aclnnXxx"), and the CPU
+# emulator of the aclnn operators (test infrastructure, ms_xent._backends.ascend.emulator).
+ASCEND_BUILTIN = "ascend_builtin"
+ASCEND_ACLNN_CUSTOM = "ascend_aclnn_custom"
+ASCEND_EMULATED = "ascend_emulated"
 F32 = ("float32",)
 I64 = ("int64",)
 # The vendor op (aclnnBinaryCrossEntropyWithLogits) takes the reduction as an integer.
 BCE_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
 BCE_REDUCTION_VALUES = {name: code for code, name in BCE_REDUCTION_CODES.items()}
+# A primitive instance, not ops.zeros_like, around the Cells with a bprop (the emulator's, the
+# vendor rows): in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell when the
+# forward calls the composite zeros_like that autodiff also uses ("The func graph is empty").
+_ZEROS_LIKE = ops.ZerosLike()
 
 
 def _same_dtype_as_first(first, *rest):
@@ -112,7 +124,8 @@ def cross_entropy_loss_out_shapes(reduction):
     def out_shape(input_shape, *rest):
         n_rows = input_shape[0]
         loss_shape = [n_rows] if reduction == "none" else [1]
-        return loss_shape, list(input_shape), loss_shape, [n_rows]
+        # zlossOut and lseForZlossOut: empty tensors, z-loss being off (the only vendor mode).
+        return loss_shape, list(input_shape), [0], [0]
     return out_shape
 
 
@@ -159,9 +172,9 @@ def _keep_callback_build_out_of_cwd():
         os.environ["MS_COMPILER_CACHE_PATH"] = os.path.join(cache_root(), "aclnn_callbacks")
 
 
-def _zero_gradient(optional_tensor):
+def _zero_gradient(zeros_like, optional_tensor):
     """The gradient returned for an input that gets none: zeros, or 0 for a None input."""
-    return 0 if optional_tensor is None else ops.zeros_like(optional_tensor)
+    return 0 if optional_tensor is None else zeros_like(optional_tensor)
 
 
 class AclnnPrimitive(ops.Custom):
@@ -180,112 +193,192 @@ class AclnnPrimitive(ops.Custom):
 class AclnnCrossEntropyLossGrad(AclnnPrimitive):
     """The gradient [N, C]; the reduction is a call argument and does not change the shapes."""
 
+    spec = ACLNN_CROSS_ENTROPY_LOSS_GRAD
+
     def __init__(self):
         super().__init__(ACLNN_CROSS_ENTROPY_LOSS_GRAD, cross_entropy_loss_grad_out_shape)
 
 
+def cross_entropy_loss_bprop(reduction, backward):
+    """The bprop of the aclnnCrossEntropyLoss call: ``backward`` (the gradient operator) on
+    ``log_prob``; only ``loss`` carries a gradient, as documented by the vendor."""
+    # A primitive instance, not ops.zeros_like: the emulator's Cells reuse this bprop (see there).
+    zeros_like = ops.ZerosLike()
+
+    def bprop(input, target, weight, reduction_argument, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
+              zloss_scale, return_zloss, out, dout):
+        grad_loss = dout[0] if reduction == "none" else dout[0].reshape(())
+        grad = backward(*cross_entropy_loss_grad_args(grad_loss, out[1], target, weight,
+                                                      reduction_argument, ignore_index))
+        return grad, zeros_like(target), _zero_gradient(zeros_like, weight), 0, 0, 0, 0, 0
+    return bprop
+
+
+def bce_with_logits_bprop(reduction):
+    """The bprop of the aclnnBinaryCrossEntropyWithLogits call: ms_xent's closed form
+    (:mod:`ms_xent._backends.composed`)."""
+    zeros_like = ops.ZerosLike()
+
+    def bprop(input, target, weight, pos_weight, reduction_code, out, dout):  # pylint: disable=redefined-builtin
+        upstream = dout if reduction == "none" else dout.reshape(())
+        grad_input, grad_target = binary_cross_entropy_with_logits_grad(
+            upstream, input, target, weight, pos_weight, reduction)
+        return (grad_input, grad_target, _zero_gradient(zeros_like, weight),
+                _zero_gradient(zeros_like, pos_weight), 0)
+    return bprop
+
+
 class AclnnCrossEntropyLoss(AclnnPrimitive):
-    """Forward; its bprop is aclnnCrossEntropyLossGrad on ``log_prob`` (only ``loss`` carries a
-    gradient, as documented by the vendor)."""
+    """Forward, with :func:`cross_entropy_loss_bprop` on aclnnCrossEntropyLossGrad."""
+
+    spec = ACLNN_CROSS_ENTROPY_LOSS
 
     def __init__(self, reduction):
-        backward = AclnnCrossEntropyLossGrad()
-
-        def bprop(input, target, weight, reduction_argument, ignore_index, label_smoothing,  # pylint: disable=redefined-builtin
-                  zloss_scale, return_zloss, out, dout):
-            grad_loss = dout[0] if reduction == "none" else dout[0].reshape(())
-            grad = backward(*cross_entropy_loss_grad_args(grad_loss, out[1], target, weight,
-                                                          reduction_argument, ignore_index))
-            return grad, ops.zeros_like(target), ops.zeros_like(weight), 0, 0, 0, 0, 0
-
-        super().__init__(ACLNN_CROSS_ENTROPY_LOSS, cross_entropy_loss_out_shapes(reduction), bprop)
+        super().__init__(ACLNN_CROSS_ENTROPY_LOSS, cross_entropy_loss_out_shapes(reduction),
+                         cross_entropy_loss_bprop(reduction, AclnnCrossEntropyLossGrad()))
 
 
 class AclnnBinaryCrossEntropyWithLogits(AclnnPrimitive):
-    """Forward; the bprop is the closed-form gradient from :mod:`ms_xent._backends.composed`."""
+    """Forward, with :func:`bce_with_logits_bprop`."""
+
+    spec = ACLNN_BCE_WITH_LOGITS
 
     def __init__(self, reduction):
-        def bprop(input, target, weight, pos_weight, reduction_code, out, dout):  # pylint: disable=redefined-builtin
-            upstream = dout if reduction == "none" else dout.reshape(())
-            grad_input, grad_target = binary_cross_entropy_with_logits_grad(
-                upstream, input, target, weight, pos_weight, reduction)
-            return (grad_input, grad_target, _zero_gradient(weight), _zero_gradient(pos_weight),
-                    0)
-
         super().__init__(ACLNN_BCE_WITH_LOGITS,
-                         bce_with_logits_out_shape(BCE_REDUCTION_VALUES[reduction]), bprop)
+                         bce_with_logits_out_shape(BCE_REDUCTION_VALUES[reduction]),
+                         bce_with_logits_bprop(reduction))
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated_operator(symbol, reduction, host_values):
+    """The emulator Cell standing in for the aclnn Custom ``symbol`` on one set of host scalars,
+    with the same spec and bprop (an lru_cache: called as Python while a graph compiles, as
+    composed's Cells)."""
+    if symbol == ACLNN_CROSS_ENTROPY_LOSS_GRAD.symbol:
+        return emulator.EmulatedCrossEntropyLossGrad(ACLNN_CROSS_ENTROPY_LOSS_GRAD, host_values)
+    if symbol == ACLNN_CROSS_ENTROPY_LOSS.symbol:
+        grad = _EmulatedGradient()
+        return emulator.EmulatedCrossEntropyLoss(ACLNN_CROSS_ENTROPY_LOSS,
+                                                 cross_entropy_loss_bprop(reduction, grad),
+                                                 host_values)
+    return emulator.EmulatedBinaryCrossEntropyWithLogits(
+        ACLNN_BCE_WITH_LOGITS, bce_with_logits_bprop(reduction), host_values)
+
+
+class _EmulatedGradient:
+    """The emulated aclnnCrossEntropyLossGrad called as its Custom is (all prototype arguments);
+    used inside bprops, so it does not share :func:`aclnn_call` with the forward (a function
+    called in both the forward and the bprop breaks MindSpore 2.9's GRAPH autodiff)."""
+
+    def __call__(self, *arguments):
+        n_tensors = len(ACLNN_CROSS_ENTROPY_LOSS_GRAD.inputs)
+        operator = _emulated_operator(ACLNN_CROSS_ENTROPY_LOSS_GRAD.symbol, None,
+                                      tuple(arguments[n_tensors:]))
+        return operator(*arguments[:n_tensors])
+
+
+def aclnn_call(vendor, primitive_class, arguments, reduction):
+    """Calls the forward aclnn Custom primitive ``primitive_class`` with the prototype's
+    ``arguments``, or under ``ascend_emulated`` its emulator: with :func:`aclnn_gradient`, the
+    only places where the emulator replaces the vendor."""
+    if vendor == ASCEND_EMULATED:
+        n_tensors = len(primitive_class.spec.inputs)
+        operator = _emulated_operator(primitive_class.spec.symbol, reduction,
+                                      tuple(arguments[n_tensors:]))
+        return operator(*arguments[:n_tensors])
+    return cached_primitive(primitive_class, reduction)(*arguments)
+
+
+def aclnn_gradient(vendor):
+    """The aclnnCrossEntropyLossGrad operator (its Custom, or its emulator), called with all the
+    prototype's arguments."""
+    if vendor == ASCEND_EMULATED:
+        return _EmulatedGradient()
+    return cached_primitive(AclnnCrossEntropyLossGrad)
 
 
 # ---- the vendor cross-entropy in ms_xent's conventions ----------------------------------------
 
-def _vendor_reduction(reduction):
-    return "none" if reduction == "none" else "sum"
+def vendor_target(target, ignore_index):
+    """(counted rows (bool [N]), int64 target with class 0 on the ignored rows).
 
-
-def _counted_rows(target, ignore_index):
-    return counted_rows(target, ignore_index).astype(ms.float32).sum()
-
-
-def vendor_cross_entropy_loss(input, target, reduction, ignore_index, use_builtin):  # pylint: disable=redefined-builtin
-    """Unweighted class-index cross-entropy without smoothing or z-loss, by the vendor op.
-
-    Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum" (the
-    vendor's is [1]), "mean" = vendor "sum" / number of counted rows (0 when there are none), and
-    the zero-size z-loss outputs of a call without z-loss.
-    """
-    vendor_reduction = _vendor_reduction(reduction)
+    The seed documents say that a negative ignoreIndex ignores nothing and that targets lie in
+    [0, C): ms_xent's default ignore_index -100 (PyTorch's) cannot be left to the vendor. So the
+    vendor always sees in-range targets, and ms_xent masks the ignored rows itself (their loss
+    rows and upstream gradients are 0); the vendor is called with reduction "none" only, and
+    ms_xent reduces ("mean" over the counted rows, 0 when there are none). This also keeps clear
+    of the documented refusal of non-default arguments for "mean" with gradients."""
     target = target.astype(ms.int64)
-    if use_builtin:
+    counted = counted_rows(target, ignore_index)
+    return counted, ops.select(counted, target, _ZEROS_LIKE(target))
+
+
+def vendor_forward(input, target, reduction, ignore_index, vendor):  # pylint: disable=redefined-builtin
+    """(lossOut, logProbOut) of aclnnCrossEntropyLoss without class weights, smoothing or z-loss
+    (``target`` int64, ``reduction`` a vendor reduction), on the route ``vendor``."""
+    if vendor == ASCEND_BUILTIN:
         forward = cached_primitive(generated_ops.CrossEntropyLoss)
-        loss, log_prob, _, _ = forward(input, target, None, vendor_reduction, ignore_index, 0.0,
-                                       0.0, False)
-    else:
-        forward = cached_primitive(AclnnCrossEntropyLoss, vendor_reduction)
-        weight = ops.ones((input.shape[1],), ms.float32)
-        arguments = cross_entropy_loss_args(input, target, weight, vendor_reduction, ignore_index)
-        loss, log_prob, _, _ = forward(*arguments)
-    if reduction != "none":
-        loss = loss.reshape(())
-    if reduction == "mean":
-        loss = safe_divide(loss.astype(ms.float32),
-                           _counted_rows(target, ignore_index)).astype(input.dtype)
-    return loss, log_prob, ops.zeros((0,), input.dtype), ops.zeros((0,), ms.float32)
+        loss, log_prob, _, _ = forward(input, target, None, reduction, ignore_index, 0.0, 0.0,
+                                       False)
+        return loss, log_prob
+    weight = ops.ones((input.shape[1],), ms.float32)
+    loss, log_prob, _, _ = aclnn_call(
+        vendor, AclnnCrossEntropyLoss,
+        cross_entropy_loss_args(input, target, weight, reduction, ignore_index), reduction)
+    return loss, log_prob
 
 
-def vendor_cross_entropy_loss_grad(grad_loss, log_prob, target, reduction, ignore_index,
-                                   use_builtin):
-    """Gradient of :func:`vendor_cross_entropy_loss` from its ``log_prob``, by the vendor op."""
-    vendor_reduction = _vendor_reduction(reduction)
-    target = target.astype(ms.int64)
-    if reduction == "mean":
-        grad_loss = safe_divide(grad_loss.astype(ms.float32).reshape(()),
-                                _counted_rows(target, ignore_index))
-    grad_loss = grad_loss.astype(log_prob.dtype)
-    if use_builtin:
+def vendor_backward(grad_loss, log_prob, target, reduction, ignore_index, vendor):
+    """aclnnCrossEntropyLossGrad without weights, smoothing or z-loss: ``grad_loss`` [N] for
+    "none", else 0-d, in the dtype of ``log_prob``; ``target`` int64."""
+    if vendor == ASCEND_BUILTIN:
         # MindSpore's own bprop of CrossEntropyLoss passes the [1]-shaped loss gradient.
         if reduction != "none":
             grad_loss = grad_loss.reshape((1,))
         backward = cached_primitive(generated_ops.CrossEntropyLossGrad)
-        return backward(grad_loss, log_prob, target, None, None, None, vendor_reduction,
-                        ignore_index, 0.0, 0.0)
-    if reduction != "none":
-        grad_loss = grad_loss.reshape(())
-    backward = cached_primitive(AclnnCrossEntropyLossGrad)
-    return backward(*cross_entropy_loss_grad_args(grad_loss, log_prob, target, None,
-                                                  vendor_reduction, ignore_index))
+        return backward(grad_loss, log_prob, target, None, None, None, reduction, ignore_index,
+                        0.0, 0.0)
+    return aclnn_gradient(vendor)(*cross_entropy_loss_grad_args(grad_loss, log_prob, target, None,
+                                                                reduction, ignore_index))
+
+
+def vendor_cross_entropy_loss(input, target, reduction, ignore_index, vendor):  # pylint: disable=redefined-builtin
+    """Unweighted class-index cross-entropy without smoothing or z-loss, by the vendor op with
+    reduction "none" (see :func:`vendor_target`).
+
+    Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum", and
+    the zero-size z-loss outputs of a call without z-loss.
+    """
+    counted, safe_target = vendor_target(target, ignore_index)
+    loss_rows, log_prob = vendor_forward(input, safe_target, "none", ignore_index, vendor)
+    rows = loss_rows.astype(ms.float32)
+    rows = ops.select(counted, rows, _ZEROS_LIKE(rows))
+    loss = reduce_rows(rows, reduction, total(counted.astype(ms.float32)))
+    return loss.astype(input.dtype), log_prob, ops.zeros((0,), input.dtype), ops.zeros(
+        (0,), ms.float32)
+
+
+def vendor_cross_entropy_loss_grad(grad_loss, log_prob, target, reduction, ignore_index, vendor):
+    """Gradient of :func:`vendor_cross_entropy_loss` from its ``log_prob``, by the vendor op."""
+    counted, safe_target = vendor_target(target, ignore_index)
+    counted32 = counted.astype(ms.float32)
+    upstream = upstream_per_row(grad_loss, reduction, total(counted32), counted32) * counted32
+    return vendor_backward(upstream.astype(log_prob.dtype), log_prob, safe_target, "none",
+                           ignore_index, vendor)
 
 
 def vendor_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,  # pylint: disable=redefined-builtin
-                                            use_builtin):
+                                            vendor):
     """BCE with logits by the vendor op; target, weight and pos_weight in the dtype of ``input``
     (the vendor's output takes the target's dtype). Returns 0-d for "mean"/"sum"."""
     target = target.astype(input.dtype)
     weight = None if weight is None else weight.astype(input.dtype)
     pos_weight = None if pos_weight is None else pos_weight.astype(input.dtype)
-    if use_builtin:
+    if vendor == ASCEND_BUILTIN:
         loss = cached_primitive(generated_ops.BCEWithLogitsLoss, reduction)(input, target, weight,
                                                                             pos_weight)
     else:
-        forward = cached_primitive(AclnnBinaryCrossEntropyWithLogits, reduction)
-        loss = forward(*bce_with_logits_args(input, target, weight, pos_weight, reduction))
+        loss = aclnn_call(vendor, AclnnBinaryCrossEntropyWithLogits,
+                          bce_with_logits_args(input, target, weight, pos_weight, reduction),
+                          reduction)
     return loss if reduction == "none" else loss.reshape(())
