@@ -200,9 +200,8 @@ def requested_backend():
 @contextlib.contextmanager
 def use_backend(name):
     """Runs the calls traced inside the block on backend ``name`` ("auto", "cpu", "composed",
-    "ascend",
-    "ascend_emulated"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs compiled inside the
-    block use it; a graph compiled before keeps its backend.
+    "ascend", "ascend_emulated"), whatever ``MS_XENT_BACKEND`` says. PYNATIVE calls and graphs
+    compiled inside the block use it; a graph compiled before keeps its backend.
 
     Args:
         name: str, one of the values of ``MS_XENT_BACKEND`` (no default, case-insensitive);
