@@ -74,6 +74,12 @@ def safe_divide(numerator, denominator):
     return ops.select(nonzero, numerator / safe, ops.zeros_like(numerator))
 
 
+# A primitive instance, not the composite ops.zeros_like, in code that runs inside the forward
+# or bprop of a Cell with a bprop (log1p, expm1 in the composed rows): in GRAPH mode MindSpore
+# 2.9 fails to differentiate around such a Cell ("The pointer[input] is null") when it calls the
+# composite zeros_like that autodiff also uses.
+_ZEROS_LIKE = ops.ZerosLike()
+
 
 def log1p(u):
     """log(1 + u) to a few float32 ulp for every u >= -1, also where |u| << 1.
@@ -85,7 +91,7 @@ def log1p(u):
     log(1 + u) has no cancellation."""
     s = u / (2.0 + u)
     s2 = s * s
-    series = ops.zeros_like(s)
+    series = _ZEROS_LIKE(s)
     for power in range(17, 1, -2):
         series = (series + 1.0 / power) * s2
     small = 2.0 * s * (1.0 + series)
@@ -98,7 +104,20 @@ def expm1(x):
     MindSpore 2.9's CPU ``ops.expm1`` is exp(x) - 1 (measured: expm1(-1e-7) = -1.19e-7). For
     |x| < 1/2 the Taylor series up to x^10 / 10! (first omitted term < 3e-11 relative);
     elsewhere exp(x) - 1 has no cancellation."""
-    series = ops.zeros_like(x)
+    series = _ZEROS_LIKE(x)
     for power in range(10, 0, -1):
         series = (series + 1.0) * x / float(power)
     return ops.select(ops.abs(x) < 0.5, series, ops.exp(x) - 1.0)
+
+
+def relaid_out(tensor, layout):
+    """``layout(tensor)`` for a layout op (transpose, reshape), also for bfloat16 in graphs.
+
+    MindSpore 2.9's CPU Transpose and Reshape have no bfloat16 kernel in GRAPH mode ("Unsupported
+    data type"); PyNative has one. There the bfloat16 values go through float32 and back (exact:
+    every bfloat16 is a float32), at the cost of a transient float32 copy (twice the bfloat16
+    size) besides the relaid-out copy.
+    """
+    if tensor.dtype != ms.bfloat16 or executing_eagerly():
+        return layout(tensor)
+    return layout(tensor.astype(F32)).astype(ms.bfloat16)

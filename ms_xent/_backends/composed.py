@@ -94,6 +94,11 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
+        # Likewise primitive instances for the softmax in the bprop: the functional ops.softmax,
+        # also called in the forward, leaves an empty func graph there ("The func graph is
+        # empty ... softmax").
+        self.softmax = ops.Softmax(axis=1)
+        self.log_softmax = ops.LogSoftmax(axis=1)
 
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
@@ -191,12 +196,12 @@ class RowsCell(RowKernels):
         # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
         x = logits.astype(F32)
         shift = (out[3], out[4])
-        grad = self._gradient(x, ops.softmax(x, 1), logits, target, weight, dout[0], dout[1],
+        grad = self._gradient(x, self.softmax(x), logits, target, weight, dout[0], dout[1],
                               shift)
         if not self.soft:
             return grad, self.zeros_like(target), self.zeros_like(weight)
         # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
-        log_p = ops.log_softmax(x, 1)
+        log_p = self.log_softmax(x)
         class_term = weight if self.weighted else 1.0
         grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
