@@ -373,7 +373,7 @@ class CrossEntropyLoss(nn.Cell):
         z_rows, z_counted = self._zloss_rows(lse, label, soft, mask) if zloss_wanted else (
             None, None)
 
-        z_loss = None
+        z_loss, denominator, accuracy = None, None, None
         if self.reduction == "none":
             if zloss_wanted:
                 z_loss = z_rows
