@@ -520,3 +520,65 @@ def test_token_accuracy_needs_class_index_labels():
     with pytest.raises(ValueError, match="`return_token_accuracy` / `record_token_accuracy` need "
                                          "class-index labels"):
         CrossEntropyLoss(return_token_accuracy=True)(ms.Tensor(x), ms.Tensor(label))
+
+
+class DenseWithLoss(ms.nn.Cell):
+    """A linear classifier trained on the recorded-accuracy loss (a loss Cell inside a network,
+    as in MindFormers' models)."""
+
+    def __init__(self, n_features, n_classes):
+        super().__init__()
+        self.dense = ms.nn.Dense(n_features, n_classes)
+        self.loss = CrossEntropyLoss(record_token_accuracy=True)
+
+    def construct(self, features, label):
+        return self.loss(self.dense(features), label)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"], indirect=True)
+def test_token_accuracy_monitor_reads_each_step_of_model_train(mode):
+    from mindspore.train import Model
+    import mindspore.dataset as ds
+    from ms_xent.nn import TokenAccuracyMonitor
+
+    rng = np.random.default_rng(25)
+    features = rng.standard_normal((4 * 16, 8)).astype(np.float32)
+    label = rng.integers(0, 5, 4 * 16).astype(np.int32)
+    label[::3] = -100
+    network = DenseWithLoss(8, 5)
+    optimizer = ms.nn.SGD(network.trainable_params(), learning_rate=0.5)
+    dataset = ds.NumpySlicesDataset({"features": features, "label": label},
+                                    shuffle=False).batch(16)
+    seen = []
+
+    class Expected(ms.train.Callback):
+        """The accuracy of the step's logits, from the weights before the update."""
+
+        def on_train_step_begin(self, run_context):
+            step = len(seen)
+            rows = slice(16 * step, 16 * (step + 1))
+            logits = features[rows] @ network.dense.weight.asnumpy().T + \
+                network.dense.bias.asnumpy()
+            counted = label[rows] != -100
+            seen.append(((logits.argmax(axis=1) == label[rows]) & counted).sum() / counted.sum())
+
+    monitor = TokenAccuracyMonitor()
+    Model(network, optimizer=optimizer).train(1, dataset, callbacks=[Expected(), monitor],
+                                              dataset_sink_mode=False)
+    assert len(monitor.accuracies) == 4
+    np.testing.assert_allclose(monitor.accuracies, seen, rtol=1e-6)
+    assert len(set(seen)) > 1  # the steps differ: each read is that step's value
+
+
+def test_token_accuracy_monitor_without_a_recording_loss_raises():
+    from mindspore.train import Model
+    import mindspore.dataset as ds
+    from ms_xent.nn import TokenAccuracyMonitor
+
+    network = ms.nn.WithLossCell(ms.nn.Dense(3, 2), CrossEntropyLoss())
+    dataset = ds.NumpySlicesDataset({"x": np.zeros((4, 3), np.float32),
+                                     "y": np.zeros(4, np.int32)}, shuffle=False).batch(2)
+    optimizer = ms.nn.SGD(network.trainable_params())
+    with pytest.raises(RuntimeError, match="record_token_accuracy=True"):
+        Model(network, optimizer=optimizer).train(1, dataset, callbacks=[TokenAccuracyMonitor()],
+                                                  dataset_sink_mode=False)
