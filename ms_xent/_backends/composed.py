@@ -20,8 +20,8 @@ Everything is computed in float32 and cast back to the input dtype at the end.
 
 Numerics (as the CPU kernels):
 - lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
-  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = log1p((count - 1) + rest)
-  (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
+  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = -log1p(-rest), rest = 1 - p_max
+  summed without the max's own term (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
   non-negative terms: no digits lost at huge offsets, full relative precision on confident rows.
 - The softmax of the backward is exp((x - m_n) - log_sum_n), and the target's entry p[y] - 1 is
   expm1(log p[y]), never p[y] - 1.
@@ -49,7 +49,7 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
     return target
 
 
-def split_log_sum_exp(x, zeros_like):
+def split_log_sum_exp(x, zeros_like, softmax):
     """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, with the precision of the
     CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
@@ -62,7 +62,7 @@ def split_log_sum_exp(x, zeros_like):
     row_max = ops.amax(x, 1)
     minus_inf = row_max == float("-inf")
     row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
-    p = ops.softmax(x, 1)
+    p = softmax(x)
     top = ops.argmax(x, 1).reshape(-1, 1)
     rest = ops.tensor_scatter_elements(p, top, zeros_like(top).astype(F32), 1).sum(axis=1)
     log_sum = -log1p(-rest)
@@ -94,16 +94,14 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
-        # Likewise primitive instances for the softmax in the bprop: the functional ops.softmax,
-        # also called in the forward, leaves an empty func graph there ("The func graph is
-        # empty ... softmax").
+        # Likewise the fused softmax kernels, used by the forward and the bprop.
         self.softmax = ops.Softmax(axis=1)
         self.log_softmax = ops.LogSoftmax(axis=1)
 
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        row_max, log_sum = split_log_sum_exp(x, self.zeros_like)
+        row_max, log_sum = split_log_sum_exp(x, self.zeros_like, self.softmax)
         lse = row_max + log_sum
         # -log p = (row_max - x) + log_sum: two non-negative terms, no cancellation.
         if self.soft:
