@@ -44,6 +44,8 @@ from mindformers.core.parallel_config import build_parallel_config
 from mindformers.models import build_network
 from mindformers.tools.logger import get_logger
 
+from ms_xent.nn.token_accuracy import recorded_token_accuracy, token_accuracy_parameters
+
 ROUTES = ("model", "trainer")
 # Each sequence of the corpus walks the vocabulary with one of these strides.
 PATTERN_STRIDES = (1, 2, 3, 5, 7)
@@ -102,7 +104,9 @@ def pattern_dataset(config, steps, rank=0, group_size=1):
 
 
 class TrainingProgress(Callback):
-    """Progress bar, one loss line per step, and the record of losses and step times."""
+    """Progress bar, one loss line per step, and the record of losses and step times; with a loss
+    Cell built with ``record_token_accuracy`` (the tiny configs), the token accuracy of the step
+    too (read from the Cell's Parameter, see :mod:`ms_xent.nn.token_accuracy`)."""
 
     def __init__(self, total_steps, description, stream=None):
         super().__init__()
@@ -110,12 +114,16 @@ class TrainingProgress(Callback):
         self.description = description
         self.stream = stream or sys.stdout
         self.losses = []
+        self.token_accuracies = []
+        self._accuracy_parameters = []
         self.step_seconds = []
         self.trainable_params = []
         self._bar = None
         self._step_start = 0.0
 
     def on_train_begin(self, run_context):
+        self._accuracy_parameters = token_accuracy_parameters(
+            run_context.original_args().train_network)
         self._bar = tqdm(total=self.total_steps, desc=self.description, unit="step",
                          file=self.stream, dynamic_ncols=True, mininterval=0.5)
 
@@ -131,8 +139,13 @@ class TrainingProgress(Callback):
         self.step_seconds.append(seconds)
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{value:.4f}")
-        tqdm.write(f"step {len(self.losses):4d}/{self.total_steps}  loss {value:.6f}  "
-                   f"{seconds * 1000:8.1f} ms", file=self.stream)
+        accuracy = recorded_token_accuracy(self._accuracy_parameters)
+        accuracy_text = ""
+        if accuracy is not None:
+            self.token_accuracies.append(accuracy)
+            accuracy_text = f"  token accuracy {accuracy:.4f}"
+        tqdm.write(f"step {len(self.losses):4d}/{self.total_steps}  loss {value:.6f}"
+                   f"{accuracy_text}  {seconds * 1000:8.1f} ms", file=self.stream)
 
     def on_train_end(self, run_context):
         self._bar.close()
@@ -147,6 +160,7 @@ class TrainingResult:
     rank: int
     group_size: int
     losses: list
+    token_accuracies: list
     step_seconds: list
     output_dir: str
 
@@ -238,6 +252,7 @@ def train(config_path, output_dir, route="model", steps=40, quiet=True):
                        str(rank_dir / "final.ckpt"))
     result = TrainingResult(route=route, config_path=str(config_path), rank=rank,
                             group_size=group_size, losses=progress.losses,
+                            token_accuracies=progress.token_accuracies,
                             step_seconds=progress.step_seconds, output_dir=str(output_dir))
     (rank_dir / "metrics.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
     return result

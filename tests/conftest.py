@@ -95,6 +95,17 @@ SLOW_TESTS = {
         "cpu_kernel-graph", "matmul_chunks-pynative"),
     "tests/test_linear_cross_entropy.py::test_bad_target_is_refused_at_run_time_in_graph_mode": (
         "cpu_kernel",),
+    # ms_xent.ops.cross_entropy (PyTorch signature): per backend, every layout and target kind
+    # with every option on one reduction each, and each dtype and mode once.
+    "tests/test_torch_cross_entropy.py::test_layouts_and_options_vs_torch_float64": tuple(
+        f"{backend}-{shape}-{kind}-weighted-smoothed-ignored-{reduction}"
+        for backend in ("cpu", "composed") for kind in ("index", "soft")
+        for shape, reduction in (("C", "none"), ("NC", "mean"), ("NCd", "sum"), ("NCdd", "none"))
+    ) + ("cpu-NCd-index-ignore-a-class-mean", "composed-NCdd-index-ignore-a-class-none"),
+    "tests/test_torch_cross_entropy.py::test_modes_and_dtypes_vs_torch_float64": (
+        "cpu-index-bfloat16-graph", "composed-index-float32-graph", "cpu-soft-float32-graph",
+        "composed-soft-bfloat16-pynative", "cpu-index-float16-pynative",
+        "composed-soft-float16-pynative"),
     # ~20 s: a fresh interpreter importing MindFormers.
     "tests/test_mindformers_registry.py::test_import_writes_nothing_to_the_working_directory": (),
     # The benchmark scripts end to end: 1-3 minutes each on a busy machine; not public API.

@@ -205,13 +205,16 @@ def torch_bce_with_logits(x, target, weight=None, pos_weight=None, reduction="me
 
 
 def torch_masked_cross_entropy(x, target, mask=None, weight=None, ignore_index=-100,
-                               label_smoothing=0.0, zloss_scale=0.0, reduction="mean"):
+                               label_smoothing=0.0, zloss_scale=0.0, reduction="mean",
+                               return_z_loss=False):
     """PyTorch float64 oracle of the CrossEntropyLoss Cell (``ms_xent.nn``, MindFormers-style).
 
-    Per row: r_n = l_n + s * rho_n * lse_n^2, with l_n from ``F.cross_entropy(reduction="none")``
-    and rho_n = w[y_n] (0 for ignored rows, 1 for probability targets). "none" gives mask * r,
-    "sum" its sum, "mean" sum(mask * r) / (sum(mask * rho) + 1e-8) (MindFormers' guard).
-    Returns (loss, d loss.sum() / dx).
+    Per row: l_n from ``F.cross_entropy(reduction="none")``, rho_n = w[y_n] c_n and the z-loss
+    z_n = s c_n lse_n^2, unweighted, with c_n = 1 for counted rows (0 for ignored ones, 1 for
+    probability targets). "none" gives mask * (l + z), "sum" its sum, "mean"
+    sum(mask * l) / (sum(mask * rho) + 1e-8) + sum(mask * z) / (sum(mask * c) + 1e-8)
+    (MindFormers' guard). Returns (loss, d loss.sum() / dx); with ``return_z_loss`` also the
+    z-loss term alone, reduced the same way.
     """
     import torch
     import torch.nn.functional as F
@@ -227,33 +230,37 @@ def torch_masked_cross_entropy(x, target, mask=None, weight=None, ignore_index=-
     rows = F.cross_entropy(xt, tt, weight=wt, reduction="none", ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
     if tt.ndim == 2:
-        rho = torch.ones(n_rows, dtype=torch.float64)
+        counted = torch.ones(n_rows, dtype=torch.float64)
+        rho = counted
     else:
-        counted = tt != ignore_index
-        rho = torch.where(counted, wt[torch.where(counted, tt, 0)], 0.0)
-    rows = rows + zloss_scale * rho * torch.logsumexp(xt, dim=1) ** 2
+        counted = (tt != ignore_index).to(torch.float64)
+        rho = counted * wt[torch.where(tt != ignore_index, tt, 0)]
+    lse = torch.where(counted * mt != 0, torch.logsumexp(xt, dim=1), 0.0)
+    z_rows = zloss_scale * counted * lse ** 2
     if reduction == "none":
-        loss = mt * rows
+        loss, z_loss = mt * (rows + z_rows), mt * z_rows
     elif reduction == "sum":
-        loss = (mt * rows).sum()
+        loss, z_loss = (mt * (rows + z_rows)).sum(), (mt * z_rows).sum()
     else:
-        loss = (mt * rows).sum() / ((mt * rho).sum() + 1e-8)
+        z_loss = (mt * z_rows).sum() / ((mt * counted).sum() + 1e-8)
+        loss = (mt * rows).sum() / ((mt * rho).sum() + 1e-8) + z_loss
     (grad,) = torch.autograd.grad(loss.sum(), xt)
+    if return_z_loss:
+        return loss.detach().numpy(), grad.numpy(), z_loss.detach().numpy()
     return loss.detach().numpy(), grad.numpy()
 
 
 def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, mask=None,
                                ignore_index=-100, label_smoothing=0.0, zloss_scale=0.0,
                                softcap=0.0, scale=1.0, reduction="mean", guard=0.0,
-                               upstream=None, zloss_class_weighted=False):
+                               upstream=None):
     """PyTorch float64 oracle of ``linear_cross_entropy`` / ``LinearCrossEntropyLoss``.
 
     logits = softcap(scale * (hidden @ weight.T + bias)) (cap * tanh(z / cap); none when 0); per
     row the loss mask_n * l_n with l_n from ``F.cross_entropy`` and the z-loss
-    z_n = s * mask_n * m_n * lse_n^2 (m_n = 1 for counted rows; times rho_n = w[y_n] when
-    ``zloss_class_weighted``, the Cell's convention). "none": loss + z; "sum": sum of both;
-    "mean": sum loss / D + sum z / Dz with D = sum mask_n rho_n + guard (any sign) and Dz = sum mask_n m_n
-    + guard (Dz = D when ``zloss_class_weighted``; a part is 0 when its denominator is exactly 0);
+    z_n = s * mask_n * m_n * lse_n^2 (m_n = 1 for counted rows, unweighted). "none": loss + z;
+    "sum": sum of both; "mean": sum loss / D + sum z / Dz with D = sum mask_n rho_n + guard and
+    Dz = sum mask_n m_n + guard (D of any sign; a part is 0 when its denominator is exactly 0);
     "per_token": (sum loss + sum z * D / Dz, D).
     Returns (loss, {"hidden", "weight", "bias"} gradients) of sum(upstream * loss) (upstream 1
     when None; for "per_token" it multiplies the numerator).
@@ -278,7 +285,7 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
                            label_smoothing=label_smoothing)
     counted = tt != ignore_index
     rho = torch.where(counted, cw[torch.where(counted, tt, 0)], 0.0)
-    z_weight = mt * (rho if zloss_class_weighted else counted.double())
+    z_weight = mt * counted.double()
     z_rows = zloss_scale * z_weight * torch.logsumexp(x, dim=1) ** 2
     loss_rows = mt * rows
     denominator = (mt * rho).sum() + guard

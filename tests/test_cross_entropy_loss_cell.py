@@ -175,28 +175,35 @@ def test_weighted_mean_formula_by_hand():
     weight = np.array([3.0, 0.5], np.float32)
     scale = 0.1
     lse = np.log(np.exp(x.astype(np.float64)).sum(axis=1))
-    rows = weight[label] * (lse - x[np.arange(3), label]) + scale * weight[label] * lse ** 2
-    expected = (mask * rows).sum() / ((mask * weight[label]).sum() + 1e-8)
+    rows = weight[label] * (lse - x[np.arange(3), label])
+    # The z-loss is unweighted, with its own denominator (the masked row count).
+    expected = ((mask * rows).sum() / ((mask * weight[label]).sum() + 1e-8)
+                + (mask * scale * lse ** 2).sum() / (mask.sum() + 1e-8))
     loss = CrossEntropyLoss(weight=weight, lse_square_scale_for_zloss=scale)(
         ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
     assert_close(loss, [expected], ms.float32)
 
 
-def test_per_token_numerator_and_denominator_vs_torch():
+# Class weights, or a z-loss (unweighted, so it shares the denominator only without weights).
+@pytest.mark.parametrize("weighted,zloss_scale", [(True, 0.0), (False, 0.02)],
+                         ids=["weighted", "zloss"])
+def test_per_token_numerator_and_denominator_vs_torch(weighted, zloss_scale):
     x, label, mask = make_batch(33, 17, 8)
-    weight = np.random.default_rng(9).uniform(0.5, 1.5, 17).astype(np.float32)
+    weight = np.random.default_rng(9).uniform(0.5, 1.5, 17).astype(np.float32) if weighted \
+        else None
     cell = CrossEntropyLoss(calculate_per_token_loss=True, weight=weight,
-                            lse_square_scale_for_zloss=0.02)
+                            lse_square_scale_for_zloss=zloss_scale)
     (numerator, denominator), grad = loss_and_grad(cell, ms.Tensor(x), ms.Tensor(label),
                                                    ms.Tensor(mask))
     expected_sum, expected_grad = torch_masked_cross_entropy(
-        x, label, mask, weight, zloss_scale=0.02, reduction="sum")
+        x, label, mask, weight, zloss_scale=zloss_scale, reduction="sum")
     assert numerator.shape == () and denominator.shape == (1,)
     assert_close(numerator, expected_sum, ms.float32, "numerator")
-    assert_close(denominator, [(mask * weight[label]).sum() + 1e-8], ms.float32, "denominator")
+    rho = weight[label] if weighted else np.ones(33, np.float32)
+    assert_close(denominator, [(mask * rho).sum() + 1e-8], ms.float32, "denominator")
     # The denominator does not depend on the logits: the gradient is d numerator / d logits.
     assert_close_to_peak(grad, expected_grad, ms.float32, "gradient")
-    mean = CrossEntropyLoss(weight=weight, lse_square_scale_for_zloss=0.02)(
+    mean = CrossEntropyLoss(weight=weight, lse_square_scale_for_zloss=zloss_scale)(
         ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
     assert_close(mean, (numerator / denominator).asnumpy(), ms.float32, "mean")
 
@@ -350,6 +357,13 @@ BAD_CONSTRUCTION = [
     ("reduction", {"reduction": "avg"}, ValueError, "`reduction` must be one of"),
     ("smoothing", {"label_smoothing": 1.0}, ValueError, "`label_smoothing` must be in"),
     ("zloss", {"lse_square_scale_for_zloss": -0.1}, ValueError, "`lse_square_scale_for_zloss`"),
+    ("zloss-inf", {"lse_square_scale_for_zloss": float("inf")}, ValueError,
+     "`lse_square_scale_for_zloss` must be finite and >= 0"),
+    ("weight-zloss-per-token", {"weight": [1.0, 2.0], "lse_square_scale_for_zloss": 0.1,
+                                "calculate_per_token_loss": True}, ValueError,
+     "`weight` with `lse_square_scale_for_zloss` > 0 and the (numerator, denominator) output"),
+    ("accuracy-flag", {"return_token_accuracy": 1}, TypeError,
+     "`return_token_accuracy` must be a bool"),
     ("ignore-index", {"ignore_index": 1.5}, TypeError, "`ignore_index` must be an int"),
     ("inf-weight", {"weight": [1.0, np.inf]}, ValueError,
      "`weight` must be finite, got inf at class 1"),
@@ -408,3 +422,175 @@ def test_bad_shape_is_reported_when_the_graph_compiles():
     x, label, mask = make_batch(6, 4, 18)
     with pytest.raises(ValueError, match=re.escape("`input_mask` must have one entry per row")):
         CrossEntropyLoss()(ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask[:3]))
+
+
+# ---- optional outputs: z-loss, token accuracy, predicted tokens --------------------------------
+
+EXTRA_CASES = {  # Cell options, soft labels
+    "mean-all-extras": ({"weight": True, "ignore_index": 3, "lse_square_scale_for_zloss": 1.5,
+                         "label_smoothing": 0.1, "logit_softcap": 4.0}, False),
+    "sum-zloss-accuracy": ({"reduction": "sum", "lse_square_scale_for_zloss": 0.05,
+                            "logit_scale": -1.0}, False),
+    "none-all-extras": ({"reduction": "none", "ignore_index": 3,
+                         "lse_square_scale_for_zloss": 0.05}, False),
+    "per-token-all-extras": ({"calculate_per_token_loss": True, "ignore_index": 3,
+                              "lse_square_scale_for_zloss": 0.05}, False),
+    "soft-zloss-predicted": ({"weight": True, "lse_square_scale_for_zloss": 0.05}, True),
+}
+EXTRA_RUNS = [("pynative", case) for case in EXTRA_CASES] + [
+    ("graph", case) for case in ("mean-all-extras", "per-token-all-extras",
+                                 "soft-zloss-predicted")]
+
+
+def map_logits(x, options):
+    scale, cap = options.get("logit_scale", 1.0), options.get("logit_softcap", 0.0)
+    z = scale * x.astype(np.float64)
+    return cap * np.tanh(z / cap) if cap > 0 else z
+
+
+@pytest.mark.parametrize("mode,case", EXTRA_RUNS, ids=[f"{m}-{c}" for m, c in EXTRA_RUNS],
+                         indirect=["mode"])
+def test_z_loss_token_accuracy_and_predicted_tokens_vs_torch(mode, case):
+    options, soft = EXTRA_CASES[case]
+    options = dict(options)
+    n_classes = 11
+    x, label, mask = make_batch(29, n_classes, 21, soft=soft)
+    ignore_index = options.get("ignore_index", -100)
+    if not soft:
+        z = map_logits(x, options)
+        label[:10] = z[:10].argmax(axis=1)  # some hits
+        label[::4] = ignore_index
+        mask[::8] = 1.0
+    weight = None
+    if options.pop("weight", False):
+        weight = np.random.default_rng(7).uniform(0.2, 2.0, n_classes).astype(np.float32)
+    cell = CrossEntropyLoss(weight=weight, return_z_loss=True, return_token_accuracy=not soft,
+                            return_predicted_tokens=True, **options)
+    per_token = options.get("calculate_per_token_loss", False)
+    outputs = cell(ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
+    assert len(outputs) == 1 + per_token + 1 + (not soft) + 1
+
+    reduction = "sum" if per_token else options.get("reduction", "mean")
+    z_x = map_logits(x, options)
+    expected, _, expected_z = torch_masked_cross_entropy(
+        z_x, label, mask, weight, ignore_index, options.get("label_smoothing", 0.0),
+        options.get("lse_square_scale_for_zloss", 0.0), reduction, return_z_loss=True)
+    loss, z_loss = outputs[0], outputs[2 if per_token else 1]
+    assert_close(loss, np.reshape(expected, loss.shape), ms.float32, "loss")
+    assert z_loss.shape == loss.shape
+    assert_close(z_loss, np.reshape(expected_z, z_loss.shape), ms.float32, "z-loss")
+    import torch
+    want_tokens = torch.argmax(torch.tensor(z_x), dim=1).numpy()
+    tokens = outputs[-1].asnumpy()
+    assert tokens.dtype == (np.int64 if soft else np.int32)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    if not soft:
+        counted = (label != ignore_index) & (mask != 0)
+        want_accuracy = ((want_tokens == label) & counted).sum() / counted.sum()
+        accuracy = outputs[-2]
+        assert accuracy.shape == () and accuracy.dtype == ms.float32
+        assert 0 < want_accuracy < 1
+        np.testing.assert_allclose(accuracy.asnumpy(), want_accuracy, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"], indirect=True)
+def test_z_loss_scale_of_one_and_more_is_accepted(mode):
+    x, label, mask = make_batch(13, 5, 22)
+    cell = CrossEntropyLoss(lse_square_scale_for_zloss=2.0)
+    loss, grad = loss_and_grad(cell, ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
+    expected, expected_grad = torch_masked_cross_entropy(x, label, mask, zloss_scale=2.0)
+    assert_close(loss, np.reshape(expected, (1,)), ms.float32, "loss")
+    assert_close_to_peak(grad, expected_grad, ms.float32, "gradient")
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"], indirect=True)
+def test_recorded_token_accuracy_without_changing_the_output(mode):
+    """record_token_accuracy keeps the loss-only output and the gradient, and stores each call's
+    accuracy (also under autodiff, where the forward runs inside the gradient graph)."""
+    x, label, mask = make_batch(31, 6, 23)
+    label[:12] = x[:12].argmax(axis=1)
+    label[::5] = -100
+    cell = CrossEntropyLoss(record_token_accuracy=True)
+    plain = CrossEntropyLoss()
+    inputs = (ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
+    loss, grad = loss_and_grad(cell, *inputs)
+    want_loss, want_grad = loss_and_grad(plain, *inputs)
+    np.testing.assert_array_equal(loss.asnumpy(), want_loss.asnumpy())
+    np.testing.assert_array_equal(grad.asnumpy(), want_grad.asnumpy())
+    counted = (label != -100) & (mask != 0)
+    want = ((x.argmax(axis=1) == label) & counted).sum() / counted.sum()
+    np.testing.assert_allclose(cell.last_token_accuracy.asnumpy(), want, rtol=1e-6)
+    # A second call with other labels overwrites it.
+    label[:] = -100
+    cell(ms.Tensor(x), ms.Tensor(label), ms.Tensor(mask))
+    assert cell.last_token_accuracy.asnumpy() == 0.0
+    assert not cell.last_token_accuracy.requires_grad
+
+
+def test_token_accuracy_needs_class_index_labels():
+    x, label, mask = make_batch(6, 4, 24, soft=True)
+    with pytest.raises(ValueError, match="`return_token_accuracy` / `record_token_accuracy` need "
+                                         "class-index labels"):
+        CrossEntropyLoss(return_token_accuracy=True)(ms.Tensor(x), ms.Tensor(label))
+
+
+class DenseWithLoss(ms.nn.Cell):
+    """A linear classifier trained on the recorded-accuracy loss (a loss Cell inside a network,
+    as in MindFormers' models)."""
+
+    def __init__(self, n_features, n_classes):
+        super().__init__()
+        self.dense = ms.nn.Dense(n_features, n_classes)
+        self.loss = CrossEntropyLoss(record_token_accuracy=True)
+
+    def construct(self, features, label):
+        return self.loss(self.dense(features), label)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"], indirect=True)
+def test_token_accuracy_monitor_reads_each_step_of_model_train(mode):
+    from mindspore.train import Model
+    import mindspore.dataset as ds
+    from ms_xent.nn import TokenAccuracyMonitor
+
+    rng = np.random.default_rng(25)
+    features = rng.standard_normal((4 * 16, 8)).astype(np.float32)
+    label = rng.integers(0, 5, 4 * 16).astype(np.int32)
+    label[::3] = -100
+    network = DenseWithLoss(8, 5)
+    optimizer = ms.nn.SGD(network.trainable_params(), learning_rate=0.5)
+    dataset = ds.NumpySlicesDataset({"features": features, "label": label},
+                                    shuffle=False).batch(16)
+    seen = []
+
+    class Expected(ms.train.Callback):
+        """The accuracy of the step's logits, from the weights before the update."""
+
+        def on_train_step_begin(self, run_context):
+            step = len(seen)
+            rows = slice(16 * step, 16 * (step + 1))
+            logits = features[rows] @ network.dense.weight.asnumpy().T + \
+                network.dense.bias.asnumpy()
+            counted = label[rows] != -100
+            seen.append(((logits.argmax(axis=1) == label[rows]) & counted).sum() / counted.sum())
+
+    monitor = TokenAccuracyMonitor()
+    Model(network, optimizer=optimizer).train(1, dataset, callbacks=[Expected(), monitor],
+                                              dataset_sink_mode=False)
+    assert len(monitor.accuracies) == 4
+    np.testing.assert_allclose(monitor.accuracies, seen, rtol=1e-6)
+    assert len(set(seen)) > 1  # the steps differ: each read is that step's value
+
+
+def test_token_accuracy_monitor_without_a_recording_loss_raises():
+    from mindspore.train import Model
+    import mindspore.dataset as ds
+    from ms_xent.nn import TokenAccuracyMonitor
+
+    network = ms.nn.WithLossCell(ms.nn.Dense(3, 2), CrossEntropyLoss())
+    dataset = ds.NumpySlicesDataset({"x": np.zeros((4, 3), np.float32),
+                                     "y": np.zeros(4, np.int32)}, shuffle=False).batch(2)
+    optimizer = ms.nn.SGD(network.trainable_params())
+    with pytest.raises(RuntimeError, match="record_token_accuracy=True"):
+        Model(network, optimizer=optimizer).train(1, dataset, callbacks=[TokenAccuracyMonitor()],
+                                                  dataset_sink_mode=False)

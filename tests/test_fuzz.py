@@ -457,9 +457,10 @@ def check_vocab_parallel_rows(case, oracle, xt, tt, wt, ignore_index):
 
 
 def check_cell(case, oracle, xt, tt, wt, ignore_index):
-    """The CrossEntropyLoss Cell (MindFormers drop-in): per row r_n = l_n + s rho_n lse_n^2 with
-    rho_n = w[y_n] (0 if ignored; 1 for probabilities); "mean" = sum(mask r) / (sum(mask rho) +
-    1e-8), "sum" = sum(mask r) (both shape (1,)), "none" = mask r; float32 in every case."""
+    """The CrossEntropyLoss Cell (MindFormers drop-in): per row l_n, rho_n = w[y_n] c_n and the
+    unweighted z-loss z_n = s c_n lse_n^2 (c_n = 0 if ignored, else 1); "mean" =
+    sum(mask l) / (sum(mask rho) + 1e-8) + sum(mask z) / (sum(mask c) + 1e-8), "sum" =
+    sum(mask (l + z)) (both shape (1,)), "none" = mask (l + z); float32 in every case."""
     rng = np.random.default_rng(case.seed + 2)
     mask = (rng.random(case.n_rows) < 0.8).astype(np.float32)
     cell = CrossEntropyLoss(weight=None if wt is None else to_numpy(wt), ignore_index=ignore_index,
@@ -473,26 +474,33 @@ def check_cell(case, oracle, xt, tt, wt, ignore_index):
 
     grad = ms.grad(objective)(xt)
     if case.soft:
-        rho = np.ones(case.n_rows)
+        counted = np.ones(case.n_rows)
+        rho = counted
     else:
         w = np.ones(case.n_classes) if wt is None else to_numpy(wt)
+        counted = oracle.mask.astype(np.float64)
         rho = np.where(oracle.mask, w[np.where(oracle.mask, oracle.target, 0)], 0.0)
     s = case.zloss_scale
-    with np.errstate(all="ignore"):
-        lse = np.where(rho > 0, oracle.rows["lse"], 0.0)
-        rows = oracle.rows["loss"] + s * rho * lse ** 2
-        contributions = rows * mask
-        prob = np.exp(oracle.rows["log_prob"])
-        row_grads = oracle.rows["grad"] + (2 * s * rho * lse)[:, None] * prob
     denominator = float((rho * mask).sum()) + 1e-8
-    if case.reduction == "none":
-        expected, unit = contributions, 1.0
-    elif case.reduction == "sum":
-        expected, unit = contributions.sum(keepdims=True), 1.0
-    else:
-        expected, unit = contributions.sum(keepdims=True) / denominator, 1.0 / denominator
+    z_denominator = float((counted * mask).sum()) + 1e-8
+    with np.errstate(all="ignore"):
+        lse = np.where(counted * mask > 0, oracle.rows["lse"], 0.0)
+        z_rows = s * counted * lse ** 2
+        prob = np.exp(oracle.rows["log_prob"])
+        z_grads = (2 * s * counted * lse)[:, None] * prob
+        if case.reduction == "mean":
+            expected = ((oracle.rows["loss"] * mask).sum(keepdims=True) / denominator
+                        + (z_rows * mask).sum(keepdims=True) / z_denominator)
+            unit = 1.0 / denominator
+            row_grads = oracle.rows["grad"] * unit + z_grads / z_denominator
+        else:
+            contributions = (oracle.rows["loss"] + z_rows) * mask
+            expected = contributions if case.reduction == "none" else contributions.sum(
+                keepdims=True)
+            unit = 1.0
+            row_grads = oracle.rows["grad"] + z_grads
     # Masked-out rows get exactly zero gradient, even where their logits are non-finite.
-    expected_grad = np.where(mask[:, None] > 0, row_grads, 0.0) * unit
+    expected_grad = np.where(mask[:, None] > 0, row_grads, 0.0)
     rtol32, atol32 = tolerance("float32")
     assert loss.dtype == ms.float32
     scale = 1.0 if case.reduction == "none" else max(int(mask.sum()), 1) * unit

@@ -292,6 +292,11 @@ def test_train_script_trains_and_exits_zero(single_process_job):
     for step, loss in enumerate(losses, 1):
         assert f"step {step:4d}/{JOB_STEPS}  loss {loss:.6f}" in completed.stdout
     assert f"loss {losses[0]:.6f} -> {losses[-1]:.6f}" in completed.stdout
+    # The config's loss records the token accuracy; the job prints and stores it per step.
+    accuracies = metrics["token_accuracies"]
+    assert len(accuracies) == JOB_STEPS and all(0 <= value <= 1 for value in accuracies)
+    for step, (loss, accuracy) in enumerate(zip(losses, accuracies), 1):
+        assert f"loss {loss:.6f}  token accuracy {accuracy:.4f}" in completed.stdout
     assert "%|" in completed.stderr + completed.stdout  # the tqdm progress bar
     assert "lm_head.weight" in params
     assert not list(cwd.iterdir()), "the job wrote into the working directory"

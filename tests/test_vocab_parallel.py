@@ -76,16 +76,20 @@ def oracle(case):
     ref = numpy_cross_entropy(x, target, weight, "none", worker.IGNORE_INDEX,
                               case.label_smoothing)
     if case.soft:
-        row_weight = np.ones(case.n_rows)
+        counted = np.ones(case.n_rows)
+        row_weight = counted
     else:
         w = np.ones(case.n_classes) if weight is None else weight.astype(np.float64)
-        counted = target != worker.IGNORE_INDEX
-        row_weight = np.where(counted, w[np.where(counted, target, 0)], 0.0)
+        counted = (target != worker.IGNORE_INDEX).astype(np.float64)
+        row_weight = np.where(counted > 0, w[np.where(counted > 0, target, 0)], 0.0)
     lse, prob = ref["lse"], np.exp(ref["log_prob"])
+    # The z-loss is unweighted, over the counted rows, with its own denominator.
     denominator = (row_weight * mask).sum() + 1e-8
-    loss = (mask * (ref["loss"] + case.zloss * row_weight * lse ** 2)).sum() / denominator
-    zloss_grad = (2 * case.zloss * row_weight * lse)[:, None] * prob
-    grad = mask[:, None] * (ref["grad"] + zloss_grad) / denominator
+    z_denominator = (counted * mask).sum() + 1e-8
+    loss = ((mask * ref["loss"]).sum() / denominator
+            + (mask * counted * case.zloss * lse ** 2).sum() / z_denominator)
+    zloss_grad = (2 * case.zloss * counted * lse)[:, None] * prob / z_denominator
+    grad = mask[:, None] * (ref["grad"] / denominator + zloss_grad)
     return {"loss": loss, "loss_rows": ref["loss"], "lse": lse, "row_weight": row_weight,
             "grad": grad}
 

@@ -43,17 +43,23 @@ def _on_cpu():
     return ms.get_context("device_target") == "CPU"
 
 
-def reshape(tensor, shape):
-    """``tensor.reshape(shape)``, also for bfloat16 in GRAPH mode on CPU.
+def relaid_out(tensor, layout):
+    """``layout(tensor)`` for a layout op (reshape, transpose), also for bfloat16 in GRAPH mode.
 
-    MindSpore 2.9's CPU Reshape has no bfloat16 kernel in GRAPH mode ("Select CPU
+    MindSpore 2.9's CPU Reshape and Transpose have no bfloat16 kernel in GRAPH mode ("Select CPU
     operator[Reshape] fail! Unsupported data type!"; flatten, view, mint.reshape and unbind + cat
-    fail alike, and there is no bit cast to int16). There a bfloat16 tensor is reshaped as float32
-    (both casts are exact) at the cost of a float32 copy, twice the tensor's size, alive during
-    the reshape. PyNative mode and other devices reshape bfloat16 directly."""
+    fail alike, and there is no bit cast to int16). There a bfloat16 tensor is relaid out as
+    float32 (both casts are exact: every bfloat16 is a float32) at the cost of a float32 copy,
+    twice the tensor's size, alive during the op. PyNative mode and other devices lay out
+    bfloat16 directly."""
     if tensor.dtype == ms.bfloat16 and _on_cpu() and not executing_eagerly():
-        return tensor.astype(F32).reshape(shape).astype(ms.bfloat16)
-    return tensor.reshape(shape)
+        return layout(tensor.astype(F32)).astype(ms.bfloat16)
+    return layout(tensor)
+
+
+def reshape(tensor, shape):
+    """``tensor.reshape(shape)`` through :func:`relaid_out` (bfloat16 in GRAPH mode on CPU)."""
+    return relaid_out(tensor, lambda t: t.reshape(shape))
 
 
 def gradients_recorded():

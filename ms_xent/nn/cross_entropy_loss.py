@@ -28,7 +28,7 @@ from ms_xent.ops._cross_entropy import cross_entropy_rows_for
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, SUPPORTED_FLOATS,
                                     check_ignore_index, check_ignore_index_for_probabilities,
                                     check_keywords, check_logit_map, check_option_values,
-                                    check_tensors, rank_of)
+                                    check_tensors, check_zloss_scale, rank_of)
 
 API = "CrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -81,6 +81,14 @@ def _flat_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shap
 
 
 @constexpr
+def _check_accuracy_labels(soft):
+    if soft:
+        raise ValueError(f"{API}: `return_token_accuracy` / `record_token_accuracy` need "
+                         f"class-index labels, got probability labels")
+    return True
+
+
+@constexpr
 def _process_description():
     """Where the loss was computed, for error messages (the rank when communication is up)."""
     if GlobalComm.INITED:
@@ -97,21 +105,26 @@ class CrossEntropyLoss(nn.Cell):
     logits. The loss is computed by the fused kernel, which keeps only the per-row log-sum-exp for
     the backward.
 
-    Per row n of the flattened logits x [N, C], with counted-row weight
-    :math:`\rho_n = w[y_n] \cdot 1\{y_n \ne \text{ignore\_index}\}` (1 for probability labels):
+    Per row n of the flattened logits x [N, C], with counted-row indicator
+    :math:`c_n = 1\{y_n \ne \text{ignore\_index}\}` (1 for probability labels) and weight
+    :math:`\rho_n = w[y_n] c_n`:
 
     .. math::
-        r_n = l_n + s \cdot \rho_n \cdot \mathrm{lse}_n^2, \qquad
-        \text{loss} = \frac{\sum_n \text{mask}_n\, r_n}{\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
+        \text{loss} = \frac{\sum_n \text{mask}_n\, l_n}{\sum_n \text{mask}_n\, \rho_n + 10^{-8}}
+        + \frac{\sum_n \text{mask}_n\, c_n\, s\, \mathrm{lse}_n^2}
+               {\sum_n \text{mask}_n\, c_n + 10^{-8}}
 
     where :math:`l_n` is the (weighted, label-smoothed) cross-entropy of
     :func:`ms_xent.ops.cross_entropy_loss` with reduction "none" and s is
-    ``lse_square_scale_for_zloss``. Without class weights and ignored labels this is exactly
-    MindFormers' ``sum(l * mask) / (sum(mask) + 1e-8)``; with weights it is PyTorch's weighted mean
-    restricted to the masked-in rows, divided by the exact weight sum (no 1e-8 guard: weights of
-    any sign may sum to 0, and then the loss is 0 with zero gradient). The z-loss term of a row carries the row's weight, so that
-    loss and z-loss share one denominator (needed for the ``(numerator, denominator)`` output);
-    without weights it is the plain masked mean of :math:`s\,\mathrm{lse}_n^2`.
+    ``lse_square_scale_for_zloss``. Without class weights and ignored labels the first term is
+    exactly MindFormers' ``sum(l * mask) / (sum(mask) + 1e-8)``; with weights it is PyTorch's
+    weighted mean restricted to the masked-in rows, divided by the exact weight sum (no 1e-8
+    guard: weights of any sign may sum to 0, and then the loss is 0 with zero gradient). The z-loss (second term) is unweighted, as in
+    the vendor op, Liger-Kernel and PaLM: class weights scale the cross-entropy of the target class,
+    not the log-partition penalty. Without class weights both terms share one denominator; the
+    ``(numerator, denominator)`` output needs that, so class weights with a z-loss and that output
+    raise ValueError at construction. "sum" adds the two numerators; "none" gives
+    :math:`\text{mask}_n (l_n + c_n s\,\mathrm{lse}_n^2)`.
 
     Rows whose label equals ``ignore_index`` count for nothing (no loss, no gradient, not in the
     denominator) even where ``input_mask`` is 1. MindFormers has no ``ignore_index``: it one-hot
@@ -143,16 +156,32 @@ class CrossEntropyLoss(nn.Cell):
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0; the label mixes with the uniform
             distribution.
-        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
-        reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none"
-            (the masked per-row values ``mask_n * r_n``, shape [N]).
+        lse_square_scale_for_zloss: z-loss scale s, default 0.0, any finite s >= 0 (the vendor-signature op
+            :func:`ms_xent.ops.cross_entropy_loss` keeps the vendor's [0, 1)); the z-loss is
+            added to the loss.
+        reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none" (the masked
+            per-row values ``mask_n * r_n``, shape [N]).
         group: communication group of the model-parallel ranks (mp > 1 with explicit
             collectives); default None: the world group, which must then have mp ranks.
-        logit_scale, logit_softcap: floats, default 1.0 and 0.0 (no cap); the loss sees cap *
-            tanh(scale * logits / cap) (cap = ``logit_softcap`` > 0, Gemma-style softcap) or scale *
-            logits (cap 0), applied inside the kernel pass, as in
-            :func:`ms_xent.ops.cross_entropy_loss`. Not with vocabulary-parallel logits
-            (ValueError).
+        logit_scale, logit_softcap: floats, default 1.0 and 0.0 (no cap); the loss sees cap * tanh(scale * logits / cap) (cap =
+            ``logit_softcap`` > 0, Gemma-style softcap) or scale * logits (cap 0), applied
+            inside the kernel pass, as in :func:`ms_xent.ops.cross_entropy_loss`. Not with
+            vocabulary-parallel logits (ValueError).
+        return_z_loss: bool, default False; also return the z-loss term alone (reduced like the loss; it stays
+            included in the loss, as in Liger-Kernel: the extra output is for logging).
+        return_token_accuracy: bool, default False; also return the token accuracy, float32 0-d: the fraction of
+            counted rows (mask != 0, label not ``ignore_index``) whose argmax equals the label
+            (Liger-Kernel's definition; 0 when no row counts). Class-index labels only.
+        return_predicted_tokens: bool, default False; also return the argmax of every row, [N] in the dtype of the
+            labels (int64 for probability labels), for every row whatever its mask or label.
+        record_token_accuracy: bool, default False; store the token accuracy of each call in the Parameter
+            ``last_token_accuracy`` (float32 0-d, not trainable) without changing the outputs:
+            for training loops (e.g. MindFormers / ``Model.train``), where the loss Cell must
+            return the loss alone; a Callback reads it after the step
+            (:class:`ms_xent.nn.TokenAccuracyMonitor`). Works in PYNATIVE and GRAPH mode.
+            The argmax comes from the forward pass that finds the row maximum (no extra pass
+            over the logits); the accuracy options are not available with
+            vocabulary-parallel logits (ValueError).
         **kwargs: any other keyword raises TypeError naming the closest parameter (a misspelled
             option would otherwise train without it).
 
@@ -185,12 +214,18 @@ class CrossEntropyLoss(nn.Cell):
     Outputs:
         float32: shape ``(1,)`` for "mean" / "sum", [N] for "none", or ``(numerator,
         denominator)`` with ``calculate_per_token_loss`` or ``seq_split_num > 1``.
+        With ``return_z_loss`` / ``return_token_accuracy`` / ``return_predicted_tokens``: a tuple
+        of the above (one entry, or numerator and denominator) followed by the requested extras
+        in that order (z-loss shaped like the loss, its numerator in the per-token mode; token
+        accuracy; predicted tokens), only those requested.
     """
 
     def __init__(self, parallel_config=None, *, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, weight=None, ignore_index=-100,
                  label_smoothing=0.0, lse_square_scale_for_zloss=0.0, reduction="mean",
-                 group=None, logit_scale=1.0, logit_softcap=0.0, **kwargs):
+                 group=None, logit_scale=1.0, logit_softcap=0.0, return_z_loss=False,
+                 return_token_accuracy=False, return_predicted_tokens=False,
+                 record_token_accuracy=False, **kwargs):
         super().__init__()
         self.data_parallel, self.model_parallel = parallel_degrees(parallel_config, API)
         self.check_for_nan_in_loss_and_grad = check_flag("check_for_nan_in_loss_and_grad",
@@ -198,7 +233,8 @@ class CrossEntropyLoss(nn.Cell):
         self.calculate_per_token_loss = check_flag("calculate_per_token_loss",
                                                     calculate_per_token_loss, API)
         self.seq_split_num = check_positive_int("seq_split_num", seq_split_num, API)
-        check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
+        check_option_values(API, reduction, label_smoothing, 0.0)
+        check_zloss_scale(API, lse_square_scale_for_zloss)
         check_ignore_index(API, ignore_index)
         check_logit_map(API, logit_softcap, logit_scale)
         self.logit_scale = float(logit_scale)
@@ -210,6 +246,24 @@ class CrossEntropyLoss(nn.Cell):
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)
         self.reduction = reduction
+        self.return_z_loss = check_flag("return_z_loss", return_z_loss, API)
+        self.return_token_accuracy = check_flag("return_token_accuracy", return_token_accuracy,
+                                                API)
+        self.return_predicted_tokens = check_flag("return_predicted_tokens",
+                                                  return_predicted_tokens, API)
+        self.record_token_accuracy = check_flag("record_token_accuracy", record_token_accuracy,
+                                                API)
+        if self.weight is not None and self.zloss_scale > 0 and self.per_token_output:
+            raise ValueError(f"{API}: `weight` with `lse_square_scale_for_zloss` > 0 and the "
+                             f"(numerator, denominator) output (`calculate_per_token_loss` or "
+                             f"`seq_split_num` > 1): the class-weighted loss and the unweighted "
+                             f"z-loss have different denominators")
+        self.accuracy_wanted = self.return_token_accuracy or self.record_token_accuracy
+        self.argmax_wanted = self.accuracy_wanted or self.return_predicted_tokens
+        if self.record_token_accuracy:
+            self.last_token_accuracy = ms.Parameter(ms.Tensor(0.0, ms.float32),
+                                                    name="last_token_accuracy",
+                                                    requires_grad=False)
         check_keywords(API, CrossEntropyLoss.__init__, kwargs)
         self.guard = ms.Tensor(np.array([DENOMINATOR_GUARD], np.float32))
         self._setup_parallel(group)
@@ -228,6 +282,11 @@ class CrossEntropyLoss(nn.Cell):
             self.add_label = ops.Add().shard(((dp,), ())).add_prim_attr("keep_alive", True)
             self.add_soft_label = ops.Add().shard(((dp, mp), ())).add_prim_attr("keep_alive",
                                                                                True)
+        if self.vocab_parallel and self.argmax_wanted:
+            raise ValueError(f"{API}: `return_token_accuracy` / `record_token_accuracy` / "
+                             f"`return_predicted_tokens` are not supported with "
+                             f"vocabulary-parallel logits (model_parallel = "
+                             f"{self.model_parallel})")
         if self.vocab_parallel and (self.logit_scale != 1.0 or self.logit_softcap > 0):
             raise ValueError(f"{API}: `logit_scale` / `logit_softcap` are not supported with "
                              f"vocabulary-parallel logits (model_parallel = "
@@ -264,7 +323,8 @@ class CrossEntropyLoss(nn.Cell):
 
     def _row_losses(self, logits, label):
         """Per-row (loss_rows, lse, row_weight), float32 [N] each, for logits [N, C] (or this
-        rank's vocabulary slice [N, C/mp] on the vocabulary-parallel path).
+        rank's vocabulary slice [N, C/mp] on the vocabulary-parallel path), and the argmax [N]
+        when an accuracy option asks for it.
 
         ``row_weight`` is rho_n (w[y_n], 0 for ignored rows, 1 for probability labels).
         """
@@ -278,16 +338,27 @@ class CrossEntropyLoss(nn.Cell):
                 self.vocab_group, self.vocab_start, self.num_classes)
         return cross_entropy_rows_for(API, logits, label, self.weight, self.ignore_index,
                                       self.label_smoothing, logit_scale=self.logit_scale,
-                                      logit_softcap=self.logit_softcap)
+                                      logit_softcap=self.logit_softcap,
+                                      return_argmax=self.argmax_wanted)
 
     # ---- end of parallel paths ------------------------------------------------------------------
 
-    def _add_zloss(self, loss_rows, lse, row_weight, counted_weight):
-        """r_n = l_n + s * rho_n * lse_n^2 (row_weight = rho_n); rows that do not count
-        (counted_weight = rho_n * mask_n is 0) add exactly 0 and get exactly 0 gradient through
-        it, even where lse_n is not finite."""
-        safe_lse = ops.select(counted_weight > 0, lse, ops.zeros_like(lse))
-        return loss_rows + self.zloss_scale * row_weight * safe_lse * safe_lse
+    def _zloss_rows(self, lse, label, soft, mask):
+        """(mask_n c_n s lse_n^2, mask_n c_n) [N]: rows that do not count add exactly 0 and get
+        exactly 0 gradient through it, even where lse_n is not finite."""
+        indicator = ops.ones_like(lse) if soft else counted_rows(label, self.ignore_index).astype(
+            ms.float32)
+        counted = indicator if mask is None else indicator * mask
+        kept_lse = counted_lse(counted != 0, lse)
+        return counted * self.zloss_scale * kept_lse * kept_lse, counted
+
+    def _token_accuracy(self, argmax, label, mask):
+        """Fraction of counted rows (label not ignored, mask != 0) whose argmax is the label."""
+        counted = counted_rows(label, self.ignore_index)
+        if mask is not None:
+            counted = counted & (mask != 0)
+        hits = (counted & (argmax == label)).astype(ms.float32)
+        return safe_divide(total(hits), total(counted.astype(ms.float32)))
 
     def construct(self, logits, label, input_mask=None):
         """The masked loss of the class docstring.
@@ -316,18 +387,27 @@ class CrossEntropyLoss(nn.Cell):
         if len(label.shape) != (2 if soft else 1):
             label = reshape(label, (n_rows, n_classes) if soft else (n_rows,))
 
-        loss_rows, lse, row_weight = self._row_losses(logits, label)
+        rows = self._row_losses(logits, label)
+        loss_rows, lse, row_weight = rows[0], rows[1], rows[2]
         # As MindFormers: the rows are multiplied by the mask (a masked-out row with non-finite
         # logits still makes the loss NaN); their gradient is exactly 0.
         mask = None if input_mask is None else input_mask.astype(ms.float32).reshape((n_rows,))
         counted = row_weight if mask is None else row_weight * mask
-        if self.zloss_scale > 0:
-            loss_rows = self._add_zloss(loss_rows, lse, row_weight, counted)
         contributions = loss_rows if mask is None else loss_rows * mask
+        zloss_wanted = self.zloss_scale > 0 or self.return_z_loss
+        z_rows, z_counted = self._zloss_rows(lse, label, soft, mask) if zloss_wanted else (
+            None, None)
 
+        z_loss, denominator, accuracy = None, None, None
         if self.reduction == "none":
+            if zloss_wanted:
+                z_loss = z_rows
+                contributions = contributions + z_rows
             result = contributions
         elif self.reduction == "sum":
+            if zloss_wanted:
+                z_loss = total(z_rows).reshape((1,))
+                contributions = contributions + z_rows
             result = total(contributions).reshape((1,))
         else:
             # total, not Tensor.sum(): MindSpore's CPU ReduceSum of an empty batch is garbage.
@@ -335,7 +415,19 @@ class CrossEntropyLoss(nn.Cell):
             denominator = total(counted).reshape((1,))
             if self.weight is None:
                 denominator = denominator + self.guard
-            result = numerator if self.per_token_output else safe_divide(numerator, denominator)
+            if self.per_token_output:
+                # No class weights with a z-loss here (refused at construction): one denominator.
+                if zloss_wanted:
+                    z_loss = total(z_rows)
+                    contributions = contributions + z_rows
+                    numerator = numerator + z_loss
+                result = numerator
+            else:
+                result = safe_divide(numerator, denominator)
+                if zloss_wanted:
+                    z_loss = (total(z_rows) / (total(z_counted) + self.guard)).reshape((1,))
+                    result = result + z_loss
+                    contributions = contributions + z_rows
 
         # Inline in construct: in GRAPH mode a raise inside a called method breaks the grad graph
         # of the Custom kernel ("The prim is not a PrimitivePy").
@@ -347,6 +439,16 @@ class CrossEntropyLoss(nn.Cell):
                 f"({result}) on {_process_description()}; {rows} of {contributions.shape[0]} "
                 f"rows have a non-finite masked per-row loss (NaN/Inf in their logits or "
                 f"input_mask, or an overflow).")
-        if self.per_token_output:
-            return result, denominator
-        return result
+        if self.accuracy_wanted:
+            _check_accuracy_labels(soft)
+            accuracy = self._token_accuracy(rows[3], label, mask)
+            if self.record_token_accuracy:
+                ops.assign(self.last_token_accuracy, accuracy)
+        outputs = (result, denominator) if self.per_token_output else (result,)
+        if self.return_z_loss:
+            outputs = outputs + (z_loss,)
+        if self.return_token_accuracy:
+            outputs = outputs + (accuracy,)
+        if self.return_predicted_tokens:
+            outputs = outputs + (rows[3],)
+        return outputs if len(outputs) > 1 else result

@@ -56,7 +56,10 @@ class LinearCrossEntropyLoss(nn.Cell):
             default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0.
-        lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
+        lse_square_scale_for_zloss: z-loss scale s in [0, 1), default 0.0; the z-loss is added to
+            the loss, unweighted (mean over the counted masked-in rows), as in
+            ``CrossEntropyLoss``; class weights with a z-loss and the (numerator, denominator)
+            output raise ValueError.
         reduction: "mean" (the default, above), "sum" (the numerator, shape ``(1,)``) or "none" (the
             masked per-row values, [N]).
         logit_softcap: float cap >= 0, default 0.0 (0 disables the softcap).
@@ -99,6 +102,12 @@ class LinearCrossEntropyLoss(nn.Cell):
         self.per_token_output = wants_per_token_output(calculate_per_token_loss, seq_split_num,
                                                        reduction, API)
         self.class_weight = class_weight_tensor(weight, API)
+        if self.class_weight is not None and lse_square_scale_for_zloss > 0 \
+                and self.per_token_output:
+            raise ValueError(f"{API}: `weight` with `lse_square_scale_for_zloss` > 0 and the "
+                             f"(numerator, denominator) output (`calculate_per_token_loss` or "
+                             f"`seq_split_num` > 1): the class-weighted loss and the unweighted "
+                             f"z-loss have different denominators")
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)
@@ -144,7 +153,7 @@ class LinearCrossEntropyLoss(nn.Cell):
             API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
             self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,
             self.reduction, input_mask, self.per_token_output, self.chunk_size,
-            DENOMINATOR_GUARD if self.class_weight is None else 0.0, zloss_class_weighted=True)
+            DENOMINATOR_GUARD if self.class_weight is None else 0.0)
         if self.reduction == "none":
             value, what = result, "per-row loss"
         elif self.per_token_output:

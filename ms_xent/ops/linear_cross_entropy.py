@@ -353,11 +353,9 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
                               label_smoothing, lse_square_scale_for_zloss, logit_softcap,
                               logit_scale, reduction, input_mask, return_per_token, chunk_size,
                               denominator_guard=0.0, shift=False, return_z_loss=False,
-                              return_lse=False, zloss_class_weighted=False):
-    """:func:`linear_cross_entropy` with the API name for error messages, a constant added to the
-    "mean" denominators (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8) and the z-loss
-    convention: ``zloss_class_weighted`` gives row n the z-loss weight r_n rho_n and the loss's
-    denominator (``ms_xent.nn.CrossEntropyLoss``'s convention) instead of r_n m_n."""
+                              return_lse=False):
+    """:func:`linear_cross_entropy` with the API name for error messages and a constant added to
+    the "mean" denominators (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8)."""
     if executing_eagerly():
         check_tensors(api, ("hidden", "weight", "target", "bias", "class_weight", "input_mask"),
                       (hidden, weight, target, bias, class_weight, input_mask))
@@ -400,7 +398,7 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
     row_coef = (ops.ones((n_rows,), ms.float32) if input_mask is None
                 else input_mask.astype(ms.float32))
     row_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(ms.float32) * row_coef
-    z_weight = row_weight if zloss_class_weighted else counted.astype(ms.float32) * row_coef
+    z_weight = counted.astype(ms.float32) * row_coef
     z_coef = lse_square_scale_for_zloss * z_weight
 
     static = (int(ignore_index), float(label_smoothing), weighted, has_bias, float(logit_softcap),

@@ -105,6 +105,19 @@ def check_option_values(api, reduction, label_smoothing, zloss_scale):
 
 
 @constexpr
+def check_zloss_scale(api, zloss_scale):
+    """Any finite z-loss scale s >= 0: the entry points other than the vendor-signature op (whose
+    [0, 1) range is the vendor's contract, see :func:`check_option_values`)."""
+    if isinstance(zloss_scale, bool) or not isinstance(zloss_scale, numbers.Real):
+        raise TypeError(f"{api}: `lse_square_scale_for_zloss` must be a float >= 0, got "
+                        f"{zloss_scale!r}")
+    if not (np.isfinite(zloss_scale) and zloss_scale >= 0):
+        raise ValueError(f"{api}: `lse_square_scale_for_zloss` must be finite and >= 0, got "
+                         f"{zloss_scale!r}")
+    return True
+
+
+@constexpr
 def check_ignore_index(api, ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"{api}: `ignore_index` must be an int, got {ignore_index!r}")
