@@ -21,8 +21,9 @@ from mindspore.parallel._utils import _get_parallel_mode
 
 from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_weight_tensor,
                                        parallel_degrees, wants_per_token_output)
-from ms_xent._backends._mindspore import (executing_eagerly, known, reshape, safe_divide,
-                                          total)
+from ms_xent._backends._mindspore import (counted_rows, executing_eagerly, known, reshape,
+                                          safe_divide, total)
+from ms_xent._backends._reductions import counted_lse
 from ms_xent.ops import vocab_parallel_cross_entropy_rows
 from ms_xent.ops._cross_entropy import cross_entropy_rows_for
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, SUPPORTED_FLOATS,
