@@ -85,8 +85,8 @@ def log1p(u):
     log(1 + u) has no cancellation."""
     s = u / (2.0 + u)
     s2 = s * s
-    series = ops.zeros_like(s)
-    for power in range(17, 1, -2):
+    series = s2 / 17.0
+    for power in range(15, 1, -2):
         series = (series + 1.0 / power) * s2
     small = 2.0 * s * (1.0 + series)
     return ops.select(ops.abs(u) < 0.5, small, ops.log(1.0 + u))
@@ -98,7 +98,7 @@ def expm1(x):
     MindSpore 2.9's CPU ``ops.expm1`` is exp(x) - 1 (measured: expm1(-1e-7) = -1.19e-7). For
     |x| < 1/2 the Taylor series up to x^10 / 10! (first omitted term < 3e-11 relative);
     elsewhere exp(x) - 1 has no cancellation."""
-    series = ops.zeros_like(x)
-    for power in range(10, 0, -1):
+    series = x / 10.0
+    for power in range(9, 0, -1):
         series = (series + 1.0) * x / float(power)
     return ops.select(ops.abs(x) < 0.5, series, ops.exp(x) - 1.0)

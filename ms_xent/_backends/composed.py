@@ -49,7 +49,7 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
     return target
 
 
-def split_log_sum_exp(x, zeros_like):
+def split_log_sum_exp(x, zeros_like, softmax, scatter):
     """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, with the precision of the
     CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
@@ -62,9 +62,9 @@ def split_log_sum_exp(x, zeros_like):
     row_max = ops.amax(x, 1)
     minus_inf = row_max == float("-inf")
     row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
-    p = ops.softmax(x, 1)
+    p = softmax(x)
     top = ops.argmax(x, 1).reshape(-1, 1)
-    rest = ops.tensor_scatter_elements(p, top, zeros_like(top).astype(F32), 1).sum(axis=1)
+    rest = scatter(p, top, zeros_like(top).astype(F32)).sum(axis=1)
     log_sum = -log1p(-rest)
     log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
     # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly.
@@ -94,11 +94,13 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
+        self.softmax = ops.Softmax(axis=1)
+        self.scatter = ops.TensorScatterElements(axis=1)
 
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        row_max, log_sum = split_log_sum_exp(x, self.zeros_like)
+        row_max, log_sum = split_log_sum_exp(x, self.zeros_like, self.softmax, self.scatter)
         lse = row_max + log_sum
         # -log p = (row_max - x) + log_sum: two non-negative terms, no cancellation.
         if self.soft:
@@ -172,8 +174,7 @@ class RowKernels(nn.Cell):
             log_p = ((ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
                       - shift[0]) - shift[1])
             true_class = target_coef * expm1(log_p) + ops.exp(log_p) * k_rest - smoothing_term
-            grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
-                                               true_class.reshape(-1, 1), 1)
+            grad = self.scatter(grad, safe_target.reshape(-1, 1), true_class.reshape(-1, 1))
         silent = (a == 0) & (row_grad_lse == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
         return grad.astype(logits.dtype)
@@ -191,7 +192,7 @@ class RowsCell(RowKernels):
         # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
         x = logits.astype(F32)
         shift = (out[3], out[4])
-        grad = self._gradient(x, ops.softmax(x, 1), logits, target, weight, dout[0], dout[1],
+        grad = self._gradient(x, self.softmax(x), logits, target, weight, dout[0], dout[1],
                               shift)
         if not self.soft:
             return grad, self.zeros_like(target), self.zeros_like(weight)
