@@ -35,7 +35,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
+from ms_xent._backends._mindspore import counted_rows, expm1, log1p, tanh, total
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
@@ -243,7 +243,7 @@ def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
         return logits
     z = logits.astype(F32) * logit_scale
     if logit_softcap > 0:
-        z = logit_softcap * ops.tanh(z / logit_softcap)
+        z = logit_softcap * tanh(z / logit_softcap)
     return z
 
 
