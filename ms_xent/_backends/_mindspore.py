@@ -74,7 +74,6 @@ def safe_divide(numerator, denominator):
     return ops.select(nonzero, numerator / safe, ops.zeros_like(numerator))
 
 
-
 def log1p(u):
     """log(1 + u) to a few float32 ulp for every u >= -1, also where |u| << 1.
 
@@ -85,11 +84,11 @@ def log1p(u):
     log(1 + u) has no cancellation."""
     s = u / (2.0 + u)
     s2 = s * s
-    series = s2 / 17.0
+    series = s2 / 17.0  # arithmetic and select only: usable inside Cells with a bprop
     for power in range(15, 1, -2):
         series = (series + 1.0 / power) * s2
     small = 2.0 * s * (1.0 + series)
-    return ops.select(ops.abs(u) < 0.5, small, ops.log(1.0 + u))
+    return ops.select((u < 0.5) & (u > -0.5), small, ops.log(1.0 + u))
 
 
 def expm1(x):
@@ -98,11 +97,10 @@ def expm1(x):
     MindSpore 2.9's CPU ``ops.expm1`` is exp(x) - 1 (measured: expm1(-1e-7) = -1.19e-7). For
     |x| < 1/2 the Taylor series up to x^10 / 10! (first omitted term < 3e-11 relative);
     elsewhere exp(x) - 1 has no cancellation."""
-    series = x / 10.0
+    series = x / 10.0  # arithmetic and select only: usable inside Cells with a bprop
     for power in range(9, 0, -1):
         series = (series + 1.0) * x / float(power)
-    return ops.select(ops.abs(x) < 0.5, series, ops.exp(x) - 1.0)
-
+    return ops.select((x < 0.5) & (x > -0.5), series, ops.exp(x) - 1.0)
 
 
 class _Tanh(nn.Cell):

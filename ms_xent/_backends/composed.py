@@ -20,8 +20,8 @@ Everything is computed in float32 and cast back to the input dtype at the end.
 
 Numerics (as the CPU kernels):
 - lse_n = m_n + log_sum_n with m_n = max_c x[n,c] (0 when it is not finite, so a row of -inf
-  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = log1p((count - 1) + rest)
-  (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
+  logits has lse = -inf and NaN / +inf propagate) and log_sum_n = -log1p(-rest), rest = 1 - p_max
+  summed without the max's own term (:func:`split_log_sum_exp`), so that -log p = (m_n - x) + log_sum_n is a sum of two
   non-negative terms: no digits lost at huge offsets, full relative precision on confident rows.
 - The softmax of the backward is exp((x - m_n) - log_sum_n), and the target's entry p[y] - 1 is
   expm1(log p[y]), never p[y] - 1.
@@ -118,7 +118,9 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
+        # Likewise the fused softmax kernels and the scatter, used by the forward and the bprop.
         self.softmax = ops.Softmax(axis=1)
+        self.log_softmax = ops.LogSoftmax(axis=1)
         self.scatter = ops.TensorScatterElements(axis=1)
 
     def forward(self, logits, target, weight):
@@ -223,7 +225,7 @@ class RowsCell(RowKernels):
         if not self.soft:
             return grad, self.zeros_like(target), self.zeros_like(weight)
         # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
-        log_p = ops.log_softmax(x, 1)
+        log_p = self.log_softmax(x)
         class_term = weight if self.weighted else 1.0
         grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
