@@ -245,13 +245,16 @@ def torch_masked_cross_entropy(x, target, mask=None, weight=None, ignore_index=-
 def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, mask=None,
                                ignore_index=-100, label_smoothing=0.0, zloss_scale=0.0,
                                softcap=0.0, scale=1.0, reduction="mean", guard=0.0,
-                               upstream=None):
+                               upstream=None, zloss_class_weighted=False):
     """PyTorch float64 oracle of ``linear_cross_entropy`` / ``LinearCrossEntropyLoss``.
 
     logits = softcap(scale * (hidden @ weight.T + bias)) (cap * tanh(z / cap); none when 0); per
-    row v_n = mask_n * (l_n + s * rho_n * lse_n^2) with l_n from ``F.cross_entropy`` and
-    rho_n = w[y_n] (0 for ignored rows). "none": v; "sum": sum v; "mean": sum v / D with
-    D = sum mask_n rho_n + guard (0 when D is 0); "per_token": (sum v, D).
+    row the loss mask_n * l_n with l_n from ``F.cross_entropy`` and the z-loss
+    z_n = s * mask_n * m_n * lse_n^2 (m_n = 1 for counted rows; times rho_n = w[y_n] when
+    ``zloss_class_weighted``, the Cell's convention). "none": loss + z; "sum": sum of both;
+    "mean": sum loss / D + sum z / Dz with D = sum mask_n rho_n + guard and Dz = sum mask_n m_n
+    + guard (Dz = D when ``zloss_class_weighted``; a part is 0 when its denominator is 0);
+    "per_token": (sum loss + sum z * D / Dz, D).
     Returns (loss, {"hidden", "weight", "bias"} gradients) of sum(upstream * loss) (upstream 1
     when None; for "per_token" it multiplies the numerator).
     """
@@ -275,16 +278,24 @@ def torch_linear_cross_entropy(hidden, weight, target, bias=None, class_weight=N
                            label_smoothing=label_smoothing)
     counted = tt != ignore_index
     rho = torch.where(counted, cw[torch.where(counted, tt, 0)], 0.0)
-    values = mt * (rows + zloss_scale * rho * torch.logsumexp(x, dim=1) ** 2)
+    z_weight = mt * (rho if zloss_class_weighted else counted.double())
+    z_rows = zloss_scale * z_weight * torch.logsumexp(x, dim=1) ** 2
+    loss_rows = mt * rows
     denominator = (mt * rho).sum() + guard
+    z_denominator = z_weight.sum() + guard
+
+    def mean(values, total):
+        return values.sum() / total if total > 0 else values.sum() * 0.0
+
     if reduction == "none":
-        loss = values
+        loss = loss_rows + z_rows
     elif reduction == "sum":
-        loss = values.sum()
+        loss = loss_rows.sum() + z_rows.sum()
     elif reduction == "per_token":
-        loss = values.sum()
+        loss = loss_rows.sum() + z_rows.sum() * (denominator / z_denominator
+                                                 if z_denominator > 0 else 0.0)
     else:
-        loss = values.sum() / denominator if denominator > 0 else values.sum() * 0.0
+        loss = mean(loss_rows, denominator) + mean(z_rows, z_denominator)
     weights = torch.ones_like(loss) if upstream is None else as_torch(upstream).reshape(loss.shape)
     grads = torch.autograd.grad(loss, (h, w, b), weights)
     result = loss.detach().numpy()

@@ -19,11 +19,11 @@ from ms_xent._backends._mindspore import total as sum_rows
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
 from ms_xent.nn.linear_cross_entropy_loss import LinearCrossEntropyLoss
-from ms_xent.ops.linear_cross_entropy import (BLOCK_FRACTION, MAX_BLOCK_BYTES,
-                                              MAX_BLOCK_WORKSPACE, MAX_WORKSPACE,
-                                              MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
-                                              MIN_VOCAB_BLOCK, MIN_WORKSPACE, chunk_layout,
-                                              linear_cross_entropy, vocab_block_layout)
+from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_BLOCK_WORKSPACE,
+                                              MAX_WORKSPACE, MIN_BLOCK_WORKSPACE, MIN_CHUNK_ROWS,
+                                              MIN_ROW_BLOCK, MIN_WORKSPACE, ROW_BLOCK_FRACTION,
+                                              chunk_layout, linear_cross_entropy,
+                                              row_block_layout)
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
@@ -204,8 +204,7 @@ def test_float16_vs_torch(linear_backend, options):
 @pytest.mark.parametrize("chunk_size", [None, 7, 40])
 def test_cpu_kernel_blocks_on_a_larger_problem(mode, dtype_name, chunk_size):
     """N = 300, H = 64, V = 3001 on the CPU kernel: several OpenMP slices per product and
-    vocabulary blocks of 70 (chunk_size 7), 400 (40) and the automatic size, the last block
-    shorter."""
+    row blocks of 7, 40 and the automatic size (all rows), the last block shorter."""
     rng = np.random.default_rng(11)
     n_rows, n_hidden, n_vocab = 300, 64, 3001
     data = {"hidden": rng.standard_normal((n_rows, n_hidden)).astype(np.float32),
@@ -335,7 +334,7 @@ def test_cell_matches_unfused_cross_entropy_loss(linear_backend, mode, case):
         label_smoothing=options.get("label_smoothing", 0.0),
         zloss_scale=options.get("lse_square_scale_for_zloss", 0.0),
         softcap=logit_options.get("logit_softcap", 0.0),
-        scale=logit_options.get("logit_scale", 1.0), guard=1e-8)
+        scale=logit_options.get("logit_scale", 1.0), guard=1e-8, zloss_class_weighted=True)
     expected = expected if isinstance(expected, tuple) else (expected,)
     for ours, theirs in zip(fused_out, expected):
         assert_close(to_numpy(ours).reshape(np.shape(theirs)), theirs, ms.float32, "oracle")
@@ -382,25 +381,23 @@ def test_automatic_layout_follows_the_budget():
     assert chunk_layout("api", N, H, V, 0.0, 100) == (N, V)
 
 
-def test_cpu_kernel_vocabulary_block_follows_the_budget():
-    """The block's buffers fit BLOCK_FRACTION (1/128) of the float32 logits within
-    [1 MiB, 64 MiB], at least 16 vocabulary rows; chunk_size keeps chunk_size * V logits."""
-    assert (BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_VOCAB_BLOCK) == (
-        1 / 128, 1 << 20, 64 << 20, 16)
-    logits_bytes = 8192 * 32000 * 4
-    assert vocab_block_layout("api", 8192, 1024, 32000, ms.float32, None) == \
-        logits_bytes // 128 // (8192 * 4)
-    # bfloat16: + its bfloat16 copy and a [block, H] float32 weight-gradient block per column
-    assert vocab_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
-        logits_bytes // 128 // (8192 * 6 + 1024 * 4)
-    assert vocab_block_layout("api", 65536, 1024, 256000, ms.float32, None) == \
-        MAX_BLOCK_WORKSPACE // (65536 * 4)
-    assert vocab_block_layout("api", 10, 8, 37, ms.float32, None) == 37
-    assert vocab_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == MIN_VOCAB_BLOCK
-    assert vocab_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK * V // N
-    assert vocab_block_layout("api", N, H, V, ms.float32, 1) == 1 * V // N
-    assert vocab_block_layout("api", N, H, V, ms.float32, 100) == V
-    assert vocab_block_layout("api", 0, H, V, ms.float32, None) == V
+def test_cpu_kernel_row_block_follows_the_budget():
+    """The block's buffers fit ROW_BLOCK_FRACTION (1/32) of the float32 logits within
+    [1 MiB, 256 MiB], at least 16 rows; chunk_size is the rows per block."""
+    assert (ROW_BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_ROW_BLOCK) == (
+        1 / 32, 1 << 20, 256 << 20, 16)
+    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 8192 // 32
+    # bfloat16: + the bfloat16 copy of the logits gradient and a float32 [rows, H] d hidden block
+    assert row_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
+        8192 * 32000 * 4 // 32 // (32000 * 6 + 1024 * 4)
+    assert row_block_layout("api", 1 << 20, 1024, 256000, ms.float32, None) == \
+        MAX_BLOCK_WORKSPACE // (256000 * 4)
+    assert row_block_layout("api", 10, 8, 37, ms.float32, None) == 10
+    assert row_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == (1 << 20) // 32
+    assert row_block_layout("api", 4096, 8, 100, ms.float32, None) == MIN_BLOCK_WORKSPACE // 400
+    assert row_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK
+    assert row_block_layout("api", N, H, V, ms.float32, 100) == N
+    assert row_block_layout("api", 0, H, V, ms.float32, None) == 1
 
 
 def test_composed_row_chunks_match_the_cpu_kernel(mode, monkeypatch):
@@ -472,8 +469,12 @@ def test_bad_target_is_refused_at_run_time_in_graph_mode(linear_backend):
 
 
 BAD_INPUTS = {  # keyword overrides -> (exception, message pattern)
-    "hidden-rank": ({"hidden": np.zeros((2, 3, H), np.float32)}, ValueError,
-                    "`hidden` must be 2-D"),
+    "hidden-rank": ({"hidden": np.zeros((H,), np.float32)}, ValueError,
+                    r"`hidden` must be \[\.\.\., H\]"),
+    "batch-dims": ({"hidden": np.zeros((2, 3, H), np.float32)}, ValueError,
+                   r"`target` must have shape \(2, 3\)"),
+    "shift": ({"shift": 1}, TypeError, "`shift` must be a bool"),
+    "return-lse": ({"return_lse": None}, TypeError, "`return_lse` must be a bool"),
     "weight-columns": ({"weight": np.zeros((V, H + 1), np.float32)}, ValueError,
                        f"must have H = {H} columns"),
     "target-dtype": ({"target": np.zeros(N, np.float32)}, TypeError,
@@ -559,3 +560,145 @@ def test_training_steps_match_the_unfused_model(linear_backend, mode):
     np.testing.assert_allclose(fused_losses, losses, rtol=2e-5)
     np.testing.assert_allclose(fused_head, head, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(fused_projection, projection, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_order_raises(linear_backend, mode, reduction):
+    """The gradient of a gradient is refused with a clear error in every mode and backend (the
+    backward returns gradients computed by fused kernels: it used to be a silent zero)."""
+    data = make_data()
+    hidden, weight = to_ms(data["hidden"]), to_ms(data["weight"])
+    target = ms.Tensor(data["target"])
+
+    def loss(h, w):
+        return linear_cross_entropy(h, w, target, reduction=reduction).sum()
+
+    first = ms.grad(loss, grad_position=0)
+    assert first(hidden, weight).shape == hidden.shape
+
+    def gradient_norm(h, w):
+        return (first(h, w) ** 2).sum()
+
+    with pytest.raises((NotImplementedError, RuntimeError),
+                       match="second-order differentiation .* is not supported"):
+        ms.grad(gradient_norm, grad_position=0)(hidden, weight)
+
+
+def shifted(array, fill):
+    return np.concatenate([array[..., 1:], np.full(array.shape[:-1] + (1,), fill)], axis=-1)
+
+
+OUTPUT_CASES = {  # options
+    "mean": {},
+    "sum-shift": {"reduction": "sum", "shift": True},
+    "none-shift": {"reduction": "none", "shift": True},
+    "per-token": {"return_per_token": True, "class_weight": True},
+    "mean-class-weight-shift": {"class_weight": True, "shift": True},
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES.values(), ids=OUTPUT_CASES.keys())
+def test_batch_dims_shift_and_extra_outputs_vs_torch(linear_backend, mode, case):
+    """hidden [B, T, H] with target and mask [B, T]; shift scores position t against label t + 1
+    (the last position ignored); return_z_loss and return_lse: the float64 PyTorch oracle on the
+    flattened, shifted inputs (loss, z-loss, lse, gradients)."""
+    options = dict(case)
+    batch, steps, zloss_scale = 3, 5, 0.02
+    data = make_data(n_rows=batch * steps, seed=4, ignore_fraction=0.2, mask=True,
+                     class_weight=options.pop("class_weight", False))
+    target = data["target"].reshape(batch, steps)
+    mask = data["mask"].reshape(batch, steps)
+    flat_target, flat_mask = target, mask
+    if options.get("shift"):
+        flat_target, flat_mask = shifted(target, IGNORE_INDEX), shifted(mask, 0.0)
+    reduction = "per_token" if options.get("return_per_token") else options.get("reduction",
+                                                                                  "mean")
+    upstream = (np.random.default_rng(1).uniform(0.5, 2.0, batch * steps)
+                if reduction == "none" else UPSTREAM)
+    expected, expected_grads = torch_linear_cross_entropy(
+        data["hidden"], data["weight"], flat_target.reshape(-1), class_weight=data["class_weight"],
+        mask=flat_mask.reshape(-1), zloss_scale=zloss_scale, reduction=reduction,
+        upstream=upstream)
+    class_weight = (None if data["class_weight"] is None
+                    else ms.Tensor(data["class_weight"]))
+
+    class Outputs(nn.Cell):
+        def construct(self, hidden, weight):
+            return linear_cross_entropy(hidden, weight, ms.Tensor(target.astype(np.int32)),
+                                        class_weight=class_weight, input_mask=ms.Tensor(mask),
+                                        lse_square_scale_for_zloss=zloss_scale,
+                                        return_z_loss=True, return_lse=True, chunk_size=CHUNK,
+                                        **options)
+
+    outputs = Outputs()
+    hidden = to_ms(data["hidden"].reshape(batch, steps, H))
+    weight = to_ms(data["weight"])
+    result = [to_numpy(part) for part in outputs(hidden, weight)]
+    logits = data["hidden"].astype(np.float64) @ data["weight"].astype(np.float64).T
+    lse = np.log(np.exp(logits).sum(axis=1))
+    counted = (flat_target.reshape(-1) != IGNORE_INDEX) * flat_mask.reshape(-1)
+    z_rows = zloss_scale * counted * lse ** 2
+    assert result[-1].shape == (batch, steps)
+    assert_close(result[-1], lse.reshape(batch, steps), ms.float32, "lse")
+    if reduction == "per_token":
+        numerator, denominator = expected
+        assert_close(result[0], numerator, ms.float32, "numerator")
+        assert_close(result[1], denominator, ms.float32, "denominator")
+        assert_close(result[2], z_rows.sum() * denominator / counted.sum(), ms.float32, "z-loss")
+    elif reduction == "none":
+        assert result[0].shape == (batch, steps)
+        assert_close(result[0], expected.reshape(batch, steps), ms.float32, "loss")
+        assert_close(result[1], z_rows.reshape(batch, steps), ms.float32, "z-loss")
+    else:
+        assert_close(result[0], expected, ms.float32, "loss")
+        z_loss = z_rows.sum() / (counted.sum() if reduction == "mean" else 1.0)
+        assert_close(result[1], z_loss, ms.float32, "z-loss")
+
+    upstream_tensor = ms.Tensor(np.asarray(upstream, np.float32).reshape(np.shape(result[0])))
+
+    def weighted(h, w):
+        return (outputs(h, w)[0] * upstream_tensor).sum()
+
+    grads = ms.grad(weighted, grad_position=(0, 1))(hidden, weight)
+    assert grads[0].shape == (batch, steps, H)
+    assert_close_to_peak(to_numpy(grads[0]).reshape(-1, H), expected_grads["hidden"], ms.float32,
+                         "hidden")
+    assert_close_to_peak(to_numpy(grads[1]), expected_grads["weight"], ms.float32, "weight")
+
+
+ACCURACY_CASES = {  # name: (c, bias): logits = c I + bias on the identity hidden states
+    "offset-1e6": (1.0, 1e6 + 0.0625 * np.arange(V)),
+    "offset-1e30": (1.0, np.full(V, 1e30)),
+    "offset-3e38": (1.0, np.full(V, 3e38)),
+    "confident-1e-4": (float(-np.log(1e-4 / (V - 1))), np.zeros(V)),
+    "confident-1e-7": (float(-np.log(1e-7 / (V - 1))), np.zeros(V)),
+}
+
+
+@pytest.mark.parametrize("case", ACCURACY_CASES.values(), ids=ACCURACY_CASES.keys())
+def test_cpu_kernel_accuracy_on_offset_and_confident_rows(mode, case):
+    """float32 logits offset by up to 3e38, or with p_y up to 1 - 1e-7, against float64 taken
+    about each row's max: loss relative error <= 1e-5, logit gradient within 1e-6 of the row's
+    peak. hidden = I and weight = c I make the float32 logits exact (c I + bias) and
+    d loss / d hidden = c * d loss / d logits."""
+    c, bias = case
+    hidden = np.eye(V, dtype=np.float32)
+    weight = (c * np.eye(V)).astype(np.float32)
+    target = np.arange(V)
+    x = (hidden.astype(np.float64) @ weight.T + bias).astype(np.float32).astype(np.float64)
+    shifted_x = x - x.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(shifted_x).sum(axis=1))
+    want_loss = log_sum - shifted_x[target, target]
+    want_grad = np.exp(shifted_x - log_sum[:, None])
+    want_grad[target, target] = np.expm1(-want_loss)
+    tensors = (to_ms(hidden), to_ms(weight), to_ms(bias))
+
+    def loss(h, w, b):
+        return linear_cross_entropy(h, w, ms.Tensor(target), bias=b, reduction="sum")
+
+    rows = to_numpy(linear_cross_entropy(*tensors[:2], ms.Tensor(target), bias=tensors[2],
+                                         reduction="none"))
+    grad_hidden = to_numpy(ms.grad(loss, grad_position=0)(*tensors))
+    assert np.abs(rows / want_loss - 1).max() <= 1e-5
+    grad_error = np.abs(grad_hidden / weight.max() - want_grad).max(axis=1)
+    assert (grad_error <= 1e-6 * np.abs(want_grad).max(axis=1)).all()

@@ -122,3 +122,34 @@ class _Tanh(nn.Cell):
 
 
 tanh = _Tanh()
+
+
+def second_order_error(api):
+    return NotImplementedError(
+        f"{api}: second-order differentiation (the gradient of a gradient) is not supported: its "
+        f"backward returns gradients computed by a fused kernel, not a differentiable graph")
+
+
+def check_first_order(api):
+    """PYNATIVE: raise in a Function's backward when that backward is itself being recorded
+    (the gradient of a gradient). MindSpore runs such a backward with recording on, and would
+    otherwise see gradients computed in the forward as constants: a silent zero."""
+    if gradients_recorded():
+        raise second_order_error(api)
+
+
+class FirstOrderOnly(nn.Cell):
+    """GRAPH: identity on the three gradients (hidden, weight, bias) a bprop returns, whose own
+    gradient raises at compile time (the gradient of a gradient), instead of MindSpore's generic
+    error about the kernels inside the bprop having no bprop, or of a zero for gradients
+    computed in the forward."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.message = str(second_order_error(api))
+
+    def construct(self, grad_hidden, grad_weight, grad_bias):
+        return grad_hidden, grad_weight, grad_bias
+
+    def bprop(self, grad_hidden, grad_weight, grad_bias, out, dout):
+        raise NotImplementedError(self.message)

@@ -53,9 +53,10 @@ from mindspore import nn, ops
 from mindspore.ops import constexpr
 
 from ms_xent._backends import dispatch
-from ms_xent._backends._mindspore import (Function, executing_eagerly, gradients_recorded,
-                                          tanh, total)
+from ms_xent._backends._mindspore import (FirstOrderOnly, Function, check_first_order,
+                                          executing_eagerly, gradients_recorded, tanh, total)
 
+API = "linear_cross_entropy"
 FLOAT32_BYTES = 4
 _CELLS = {}
 
@@ -157,7 +158,7 @@ class ChunkStep(ChunkMath):
     ``kind``: "forward" returns (values, lse); "forward_backward" also accumulates the gradient of
     sum_n value_n; "backward" accumulates the gradient for given per-row factors (``row_coef`` is
     then row_grad, ``z_coef`` is row_grad_lse, ``lse`` the forward's lse). The gradient kinds add
-    into ``grad_bias`` in place and return the chunk's grad_hidden [c, H] float32; with
+    into ``grad_bias`` in place and return (values, lse, the chunk's grad_hidden [c, H] float32); with
     ``blocked`` they also return dL/dz [c, V] for the caller's blockwise weight-gradient
     accumulation, else they add the chunk's [V, H] product into ``grad_weight`` in place.
     """
@@ -184,9 +185,9 @@ class ChunkStep(ChunkMath):
         grad_hidden = self.grad_hidden(grad_z, weight_f32)
         self.add_bias_grad(grad_bias, grad_z)
         if self.blocked:
-            return values, grad_hidden, grad_z
+            return values, lse, grad_hidden, grad_z
         ops.assign_add(grad_weight, self.weight_matmul(grad_z, hidden_scaled))
-        return values, grad_hidden
+        return values, lse, grad_hidden
 
 
 class BlockProduct(ChunkMath):
@@ -238,7 +239,7 @@ def _eager_pass(static, layout, kind, hidden, weight, bias, target, class_weight
     grads = _zero_grads(hidden, weight, bias) if with_grads else None
     grad_hidden, grad_weight, grad_bias = grads if with_grads else (None, None, None)
     values = ops.zeros((n_rows,), ms.float32) if kind != "backward" else None
-    lse_rows = ops.zeros((n_rows,), ms.float32) if kind == "forward" else None
+    lse_rows = ops.zeros((n_rows,), ms.float32) if kind != "backward" else None
     block_product = _cached_cell(BlockProduct, *static) if blocked else None
     for start, end in _chunk_bounds(n_rows, chunk_rows):
         # Cast here: a half-precision row slice is a view, and MindSpore's CPU copy of views
@@ -253,21 +254,24 @@ def _eager_pass(static, layout, kind, hidden, weight, bias, target, class_weight
             continue
         if kind == "forward_backward":
             values[start:end] = out[0]
-        grad_hidden[start:end] = out[1]
+            lse_rows[start:end] = out[1]
+        grad_hidden[start:end] = out[2]
         if blocked:
             for first, last in _chunk_bounds(n_vocab, vocab_block):
-                grad_weight[first:last] += block_product(out[2], hidden_chunk, first, last)
+                grad_weight[first:last] += block_product(out[3], hidden_chunk, first, last)
     return values, lse_rows, grads
 
 
 def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_weight, row_coef,
                           z_coef):
-    """The GRAPH-mode chunk loop of "sum" (unrolled; chunks ordered by ops.depend)."""
+    """The GRAPH-mode chunk loop of "sum" (unrolled; chunks ordered by ops.depend): (loss, lse,
+    grad_hidden, grad_weight, grad_bias)."""
     hidden_f32 = _float32(hidden)  # (CPU StridedSlice has no bfloat16 kernel)
     weight_f32 = _float32(weight)
     bias_f32 = _float32(bias)
     grad_hidden, grad_weight, grad_bias = _zero_grads(hidden, weight, bias)
     loss_total = ops.zeros((), ms.float32)
+    lse_rows = ops.zeros((hidden.shape[0],), ms.float32)
     for start, end in _chunk_bounds(hidden.shape[0], chunk_rows):
         chunk_input = ops.depend(hidden_f32, (grad_hidden, grad_weight, grad_bias, total))
         hidden_scaled = math.scaled_hidden(chunk_input[start:end])
@@ -277,27 +281,29 @@ def _graph_loss_and_grads(math, chunk_rows, hidden, weight, bias, target, class_
         values, lse, z_lse = math.values(logits, chunk_target, class_weight, chunk_row_coef,
                                          z_coef[start:end])
         loss_total = loss_total + values.sum()
+        lse_rows[start:end] = lse
         grad_z = math.grad_z(logits, chunk_target, class_weight, lse, chunk_row_coef,
                              2.0 * z_coef[start:end] * z_lse)
         grad_hidden[start:end] = math.grad_hidden(grad_z, weight_f32)
         grad_bias = math.add_bias_grad(grad_bias, grad_z)
         grad_weight = ops.assign_add(grad_weight, math.weight_matmul(grad_z, hidden_scaled))
-    return loss_total, grad_hidden, grad_weight, grad_bias
+    return loss_total, lse_rows, grad_hidden, grad_weight, grad_bias
 
 
 def no_input_grads(target, class_weight, row_coef, z_coef):
     """The zero gradients a bprop returns for the non-differentiated inputs."""
-    return (ops.zeros_like(target), ops.zeros_like(class_weight), ops.zeros_like(row_coef),
-            ops.zeros_like(z_coef))
+    return tuple(ops.zeros(tensor.shape, tensor.dtype)
+                 for tensor in (target, class_weight, row_coef, z_coef))
 
 
 class LinearCrossEntropySum(ChunkMath):
-    """GRAPH-mode "sum": outputs (loss, grad_hidden, grad_weight float32, grad_bias float32);
+    """GRAPH-mode "sum": outputs (loss, lse, grad_hidden, grad_weight float32, grad_bias float32);
     differentiable w.r.t. hidden, weight and bias through the loss."""
 
     def __init__(self, static, chunk_rows):
         super().__init__(*static)
         self.chunk_rows = chunk_rows
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return _graph_loss_and_grads(self, self.chunk_rows, hidden, weight, bias, target,
@@ -305,9 +311,10 @@ class LinearCrossEntropySum(ChunkMath):
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         scale = dout[0]
-        grads = (scaled_gradient(out[1], scale, hidden.dtype), scaled_gradient(out[2], scale, weight.dtype),
-                 scaled_gradient(out[3], scale, bias.dtype))
-        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
+        grads = (scaled_gradient(out[2], scale, hidden.dtype),
+                 scaled_gradient(out[3], scale, weight.dtype),
+                 scaled_gradient(out[4], scale, bias.dtype))
+        return self.first_order_only(*grads) + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
 class LinearCrossEntropyRows(ChunkMath):
@@ -316,6 +323,7 @@ class LinearCrossEntropyRows(ChunkMath):
     def __init__(self, static, chunk_rows):
         super().__init__(*static)
         self.chunk_rows = chunk_rows
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         hidden_f32 = _float32(hidden)
@@ -357,9 +365,10 @@ class LinearCrossEntropyRows(ChunkMath):
             grad_bias = self.add_bias_grad(grad_bias, grad_z)
             grad_weight = ops.assign_add(grad_weight,
                                          self.weight_matmul(grad_z, hidden_scaled))
-        return (grad_hidden.astype(hidden.dtype), grad_weight.astype(weight.dtype),
-                grad_bias.astype(bias.dtype)) + no_input_grads(target, class_weight, row_coef,
-                                                                z_coef)
+        return self.first_order_only(grad_hidden.astype(hidden.dtype),
+                                     grad_weight.astype(weight.dtype),
+                                     grad_bias.astype(bias.dtype)) + no_input_grads(
+                                         target, class_weight, row_coef, z_coef)
 
 
 class _EagerSum(Function):
@@ -369,14 +378,15 @@ class _EagerSum(Function):
     def forward(ctx, static, layout, with_grads, hidden, weight, bias, target, class_weight,
                 row_coef, z_coef):
         kind = "forward_backward" if with_grads else "forward"
-        values, _, grads = _eager_pass(static, layout, kind, hidden, weight, bias, target,
-                                       class_weight, row_coef, z_coef)
+        values, lse, grads = _eager_pass(static, layout, kind, hidden, weight, bias, target,
+                                         class_weight, row_coef, z_coef)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
-        return total(values)
+        return total(values), lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
+        check_first_order(API)
         grads, ctx.grads = ctx.grads, None
         scaled = tuple(scaled_gradient(grad, dout, dtype) for grad, dtype in zip(grads, ctx.dtypes))
         return (None, None, None) + scaled + (None, None, None, None)
@@ -393,10 +403,11 @@ class _EagerRows(Function):
         ctx.static = static
         ctx.layout = layout
         ctx.inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef, lse)
-        return values
+        return values, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
+        check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef, lse), ctx.inputs = \
             ctx.inputs, None
         row_grad = dout * row_coef
@@ -410,8 +421,8 @@ class _EagerRows(Function):
 
 def linear_cross_entropy_sum(static, layout, hidden, weight, bias, target, class_weight,
                              row_coef, z_coef):
-    """float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
-    weight and bias.
+    """(float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
+    weight and bias; float32 [N] lse, not differentiated).
 
     ``static`` = (rows_backend, ignore_index, label_smoothing, weighted, has_bias, logit_softcap,
     logit_scale),
@@ -422,16 +433,15 @@ def linear_cross_entropy_sum(static, layout, hidden, weight, bias, target, class
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerSum.apply(static, layout, gradients_recorded(), *inputs)
-    loss_total, _, _, _ = LinearCrossEntropySum(static, layout[0])(*inputs)
-    return loss_total
+    loss_total, lse, _, _, _ = LinearCrossEntropySum(static, layout[0])(*inputs)
+    return loss_total, lse
 
 
 def linear_cross_entropy_rows(static, layout, hidden, weight, bias, target, class_weight,
                               row_coef, z_coef):
-    """float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``; arguments as
-    :func:`linear_cross_entropy_sum`."""
+    """(float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``, float32 [N] lse not differentiated);
+    arguments as :func:`linear_cross_entropy_sum`."""
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerRows.apply(static, layout, *inputs)
-    values, _ = LinearCrossEntropyRows(static, layout[0])(*inputs)
-    return values
+    return LinearCrossEntropyRows(static, layout[0])(*inputs)

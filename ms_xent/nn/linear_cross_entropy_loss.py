@@ -120,7 +120,7 @@ class LinearCrossEntropyLoss(nn.Cell):
             API, hidden, weight, label, bias, self.ignore_index, self.class_weight,
             self.label_smoothing, self.zloss_scale, self.logit_softcap, self.logit_scale,
             self.reduction, input_mask, self.per_token_output, self.chunk_size,
-            DENOMINATOR_GUARD)
+            DENOMINATOR_GUARD, zloss_class_weighted=True)
         if self.reduction == "none":
             value, what = result, "per-row loss"
         elif self.per_token_output:

@@ -5,9 +5,9 @@ vocabulary make 4 GiB in float32, and their gradient as much again). :func:`line
 never holds them. Two implementations (chosen in :mod:`ms_xent._backends.dispatch`):
 
 - ``cpu_kernel`` (the CPU default): one C++ kernel
-  (:mod:`ms_xent._backends.cpu.linear_cross_entropy_op`) walks over the vocabulary in blocks of
-  all N rows with oneDNN's matrix products; the weight gradient is written once, block by block,
-  and at most one [N, block] block of logits exists.
+  (:mod:`ms_xent._backends.cpu.linear_cross_entropy_op`) walks over the rows in blocks of R rows
+  over the whole vocabulary with oneDNN's matrix products (three per block); at most one [R, V]
+  block of logits exists.
 - ``matmul_chunks`` (every other device, ``MS_XENT_BACKEND=composed``, or a MindSpore without
   oneDNN): rows in chunks of MindSpore MatMul + the rows backend's per-row cross-entropy
   (:mod:`ms_xent._backends.linear_chunks`): per chunk the logits, the per-row cross-entropy
@@ -48,14 +48,45 @@ MIN_CHUNK_ROWS = 256
 MAX_BLOCK_BYTES = 32 * MIB
 
 
-# CPU kernel (vocabulary blocks of all N rows): the block's buffers (float32 logits [N, block],
-# for bfloat16 their bfloat16 copy, for half types a float32 [block, H] weight-gradient block and,
-# for float16, the float32 weight block) get BLOCK_FRACTION of the size of the full float32
-# logits, within [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], and at least MIN_VOCAB_BLOCK rows.
-BLOCK_FRACTION = 1.0 / 128
+# CPU kernel (row blocks over the whole vocabulary): the block's buffers (float32 logits [R, V],
+# for bfloat16 their bfloat16 copy, for half types a float32 [R, H] block of d hidden and, for
+# float16, the float32 [R, H] hidden block) get ROW_BLOCK_FRACTION of the size of the full
+# float32 logits, within [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], and at least MIN_ROW_BLOCK
+# rows: each block streams the weight and the [V, H] weight gradient once more, so fewer rows per
+# block cost time.
+ROW_BLOCK_FRACTION = 1.0 / 32
 MIN_BLOCK_WORKSPACE = 1 * MIB
-MAX_BLOCK_WORKSPACE = 64 * MIB
-MIN_VOCAB_BLOCK = 16
+MAX_BLOCK_WORKSPACE = 256 * MIB
+MIN_ROW_BLOCK = 16
+
+
+@constexpr
+def _check_batch_dims(api, hidden_shape, target_shape, mask_shape, shift):
+    """hidden [..., H] with target [...] (and input_mask [...]) of the same leading shape; shift
+    needs a sequence axis (target of rank >= 1). Returns the flat row count."""
+    if len(hidden_shape) < 2:
+        raise ValueError(f"{api}: `hidden` must be [..., H] with at least 2 dims, got shape "
+                         f"{tuple(hidden_shape)}")
+    if tuple(target_shape) != tuple(hidden_shape[:-1]):
+        raise ValueError(f"{api}: `target` must have shape {tuple(hidden_shape[:-1])} (one class "
+                         f"index per row of `hidden`), got {tuple(target_shape)}")
+    if mask_shape is not None and tuple(mask_shape) != tuple(target_shape):
+        raise ValueError(f"{api}: `input_mask` must have shape {tuple(target_shape)}, got "
+                         f"{tuple(mask_shape)}")
+    if not isinstance(shift, (bool, np.bool_)):
+        raise TypeError(f"{api}: `shift` must be a bool, got {shift!r}")
+    rows = 1
+    for dim in hidden_shape[:-1]:
+        rows = rows * dim if known(dim) else -1
+    return rows
+
+
+@constexpr
+def _check_outputs(api, return_z_loss, return_lse):
+    for name, value in (("return_z_loss", return_z_loss), ("return_lse", return_lse)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{api}: `{name}` must be a bool, got {value!r}")
+    return True
 
 
 @constexpr
@@ -65,8 +96,6 @@ def _check_inputs(api, hidden_shape, hidden_dtype, weight_shape, weight_dtype, t
     """Static checks of ranks, shapes and dtypes (compile-time errors in GRAPH mode)."""
     if hidden_dtype not in FLOAT_TYPES:
         raise TypeError(f"{api}: `hidden` must be float16, bfloat16 or float32, got {hidden_dtype}")
-    if len(hidden_shape) != 2:
-        raise ValueError(f"{api}: `hidden` must be 2-D [N, H], got shape {tuple(hidden_shape)}")
     if weight_dtype != hidden_dtype:
         raise TypeError(f"{api}: `weight` must have the dtype of `hidden` ({hidden_dtype}), got "
                         f"{weight_dtype}")
@@ -148,28 +177,25 @@ def chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size):
 
 
 @constexpr
-def vocab_block_layout(api, n_rows, n_hidden, n_vocab, dtype, chunk_size):
-    """Vocabulary rows per block of the CPU kernel.
+def row_block_layout(api, n_rows, n_hidden, n_vocab, dtype, chunk_size):
+    """Rows per block of the CPU kernel.
 
-    Automatic: the block's buffers take BLOCK_FRACTION of the size of the full float32 logits,
-    clamped to [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], with at least MIN_VOCAB_BLOCK rows. A
-    given ``chunk_size`` (rows per chunk of the generic path) keeps the same number of logits
-    alive: ``chunk_size * V`` logits, i.e. ``chunk_size * V / N`` vocabulary rows of all N rows.
+    Automatic: the block's buffers take ROW_BLOCK_FRACTION of the size of the full float32
+    logits, clamped to [MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE], with at least MIN_ROW_BLOCK
+    rows. A given ``chunk_size`` is the number of rows per block.
     """
-    if n_rows == 0:
-        return n_vocab
     if chunk_size is not None:
         _check_chunk_size(api, chunk_size)
-        return int(min(n_vocab, max(1, chunk_size * n_vocab // n_rows)))
-    column_bytes = n_rows * FLOAT32_BYTES
+        return int(max(1, min(n_rows, chunk_size)))
+    row_bytes = n_vocab * FLOAT32_BYTES
     dtype_name = str(dtype)
     if dtype_name == "BFloat16":
-        column_bytes += n_rows * 2 + n_hidden * FLOAT32_BYTES
+        row_bytes += n_vocab * 2 + n_hidden * FLOAT32_BYTES
     elif dtype_name == "Float16":
-        column_bytes += 2 * n_hidden * FLOAT32_BYTES
-    budget = n_rows * n_vocab * FLOAT32_BYTES * BLOCK_FRACTION
+        row_bytes += 2 * n_hidden * FLOAT32_BYTES
+    budget = n_rows * n_vocab * FLOAT32_BYTES * ROW_BLOCK_FRACTION
     budget = min(max(budget, MIN_BLOCK_WORKSPACE), MAX_BLOCK_WORKSPACE)
-    return int(min(n_vocab, max(MIN_VOCAB_BLOCK, budget // column_bytes)))
+    return int(max(1, min(n_rows, max(MIN_ROW_BLOCK, budget // row_bytes))))
 
 
 def _check_chunk_size(api, chunk_size):
@@ -204,7 +230,8 @@ def _dtype_or_none(tensor):
 def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, class_weight=None,
                          label_smoothing=0.0, lse_square_scale_for_zloss=0.0, logit_softcap=0.0,
                          logit_scale=1.0, reduction="mean", input_mask=None,
-                         return_per_token=False, chunk_size=None):
+                         return_per_token=False, chunk_size=None, shift=False,
+                         return_z_loss=False, return_lse=False):
     r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, computed without holding them.
 
     The logits of row n are
@@ -215,89 +242,137 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
 
     and the loss is that of :func:`ms_xent.ops.cross_entropy_loss` on them, with the z-loss added.
     With :math:`l_n` the per-row cross-entropy (class weights, label smoothing, 0 for ignored rows),
-    :math:`\rho_n = w[y_n] \cdot 1\{y_n \ne \text{ignore\_index}\}` and :math:`r_n` the input mask
-    (1 without one), each row contributes
+    :math:`m_n = 1\{y_n \ne \text{ignore\_index}\}`, :math:`\rho_n = w[y_n] m_n` and
+    :math:`r_n` the input mask (1 without one), the loss and the z-loss of a row are
+    :math:`r_n l_n` and :math:`z_n = s\,r_n m_n\,\mathrm{lse}_n^2` (the z-loss is not class-weighted),
+    and
 
     .. math::
-        v_n = r_n \left(l_n + s\,\rho_n\,\mathrm{lse}_n^2\right), \qquad
-        \text{mean} = \frac{\sum_n v_n}{\sum_n r_n \rho_n}, \quad \text{sum} = \sum_n v_n
+        \text{mean} = \frac{\sum_n r_n l_n}{\sum_n r_n \rho_n} + \frac{\sum_n z_n}{\sum_n r_n m_n},
+        \quad \text{sum} = \sum_n (r_n l_n + z_n), \quad \text{none} = r_n l_n + z_n.
 
-    (the ``ms_xent.nn.CrossEntropyLoss`` convention: the z-loss of a row carries the row's class
-    weight, so loss and z-loss share the denominator. Without class weights this is exactly
-    ``cross_entropy_loss(...)`` loss + zloss.) With "mean" and a zero denominator (every row
-    ignored or masked out) the loss and its gradient are 0.
+    Without class weights both denominators are the number of counted rows (times the mask) and
+    this is exactly ``cross_entropy_loss(...)`` loss + zloss. With "mean" and a zero denominator
+    (every row ignored or masked out) that part and its gradient are 0.
 
     For "mean", "sum" and ``return_per_token`` the gradients are computed during the forward
     (in PYNATIVE mode only while autodiff records; a plain call computes the loss alone) and the
     backward only scales them by the upstream gradient. For "none" the backward recomputes the
-    logits with the per-row upstream gradients.
+    logits with the per-row upstream gradients. Second-order differentiation (the gradient of a
+    gradient) raises NotImplementedError.
 
-    CPU kernel: pass 1 over vocabulary blocks of all N rows computes each block's logits and folds
-    them into a running log-sum-exp per row; pass 2 recomputes each block's logits, turns them
-    into the gradient in place and writes that block's rows of d loss / d weight (and bias) once,
-    accumulating d loss / d hidden. Four matrix products (oneDNN, every core; bfloat16 products
-    with float32 accumulation for bfloat16 inputs, whose logits gradient is rounded to bfloat16 as
-    their operand like the unfused path's bfloat16 gradient; float32 otherwise) where the unfused
-    path has three. Chunked path (any device other than CPU, ``MS_XENT_BACKEND=composed``, or a
-    MindSpore without oneDNN): rows in chunks of MindSpore MatMul in float32 (the logits, the
-    rows backend's per-row cross-entropy forward and backward, the chunk's rows of d loss / d hidden and its float32
-    contribution to d loss / d weight); in PYNATIVE mode each chunk is a small graph compiled on
-    first use for each chunk shape; in GRAPH mode the chunk loop unrolls at compile time. Both
-    need static shapes in GRAPH mode.
+    CPU kernel: rows in blocks of R over the whole vocabulary; per block, the logits (one matrix
+    product), each row's loss and gradient in place, the block's rows of d loss / d hidden (a
+    second product) and its contribution to d loss / d weight (a third, accumulated over the
+    blocks): three matrix products, as the unfused path (oneDNN, every core; bfloat16 products with
+    float32 accumulation for bfloat16 inputs, whose logits gradient is rounded to bfloat16 as their
+    operand like the unfused path's bfloat16 gradient; float32 otherwise). Every sum and every
+    gradient is accumulated in float32 (for half inputs the weight gradient in a float32 [V, H]
+    buffer, rounded once at the end), so there is no ``accum_dtype`` choice to make. Each row's
+    log-sum-exp is split at its maximum, lse = M + log1p(rest), and the target's gradient
+    -(1 - p_y) is formed without cancellation: losses of confident rows (p_y close to 1) and of
+    logits offset by huge constants keep float32 relative precision. Chunked path (any device
+    other than CPU, ``MS_XENT_BACKEND=composed``, or a MindSpore without oneDNN): rows in chunks of
+    MindSpore MatMul in float32 (the logits, the rows backend's per-row cross-entropy forward and
+    backward, the chunk's rows of d loss / d hidden and its float32 contribution to d loss /
+    d weight); in PYNATIVE mode each chunk is a small graph compiled on first use for each chunk
+    shape; in GRAPH mode the chunk loop unrolls at compile time. Both need static shapes in GRAPH
+    mode.
 
     Args:
-        hidden: [N, H] float32 / bfloat16 / float16 hidden states (flatten batch dims first).
+        hidden: [..., H] float32 / bfloat16 / float16 hidden states (e.g. [N, H] or [B, T, H]; the
+            leading dims are flattened, in GRAPH mode bfloat16 needs them flat already: MindSpore's
+            CPU Reshape has no bfloat16 kernel).
         weight: [V, H] output-layer weight in the lm_head layout (MindFormers' ``lm_head.weight``),
             same dtype as ``hidden``.
-        target: [N] int32 / int64 class indices in [0, V) or ``ignore_index``.
+        target: [...] int32 / int64 class indices in [0, V) or ``ignore_index``, the leading shape
+            of ``hidden``.
         bias: optional [V] bias, same dtype as ``hidden``.
         ignore_index: rows with this target contribute nothing (no loss, no gradient, not
-            counted in the "mean" denominator).
+            counted in the "mean" denominators).
         class_weight: optional [V] non-negative class weights (not differentiated).
         label_smoothing: eps in [0, 1).
         lse_square_scale_for_zloss: z-loss scale s in [0, 1); the z-loss is added to the loss.
         logit_softcap: cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``; 0 disables it.
         logit_scale: non-zero factor applied to ``hidden @ weight.T + bias`` before the softcap.
-        reduction: "mean", "sum" or "none".
-        input_mask: optional [N] row weights of any real or bool dtype (0: the row does not
-            count; it multiplies the row's contribution and its share of the denominator).
-            Not differentiated.
-        return_per_token: return ``(numerator, denominator)`` = (sum_n v_n, sum_n r_n rho_n), the
-            two parts of the "mean" loss, so that gradient accumulation or pipeline stages can sum
-            before dividing. Only the numerator is differentiable.
+        reduction: "mean", "sum" or "none" ("none": the shape of ``target``).
+        input_mask: optional row weights of any real or bool dtype, the shape of ``target`` (0: the
+            row does not count; it multiplies the row's contribution and its share of the
+            denominators). Not differentiated.
+        return_per_token: return ``(numerator, denominator)`` = (sum_n r_n l_n + z part,
+            sum_n r_n rho_n) of the "mean" loss, so that gradient accumulation or pipeline stages
+            can sum before dividing (the z part is sum_n z_n times sum r rho / sum r m, so that
+            numerator / denominator is the "mean" loss). Only the numerator is differentiable.
         chunk_size: how many logits are alive at once, as rows of V logits: None chooses it.
-            CPU kernel: vocabulary blocks of all N rows, ``chunk_size * V / N`` vocabulary rows
-            per block; automatically the block's buffers take 1/128 of the size of the full
-            float32 logits, between 1 MiB and 64 MiB, at least 16 vocabulary rows. Chunked path:
+            CPU kernel: rows per block; automatically the block's buffers take 1/32 of the size of
+            the full float32 logits, between 1 MiB and 256 MiB, at least 16 rows. Chunked path:
             ``chunk_size`` rows per chunk; automatically the chunk's float32 working set (logits
             and their gradient) is about 1/16 of the size of the full float32 logits, between
             64 MiB and 256 MiB, with at least 256 rows where 256 MiB allows, and the
             weight-gradient accumulation is split into vocabulary blocks whose [block, H] float32
             temporaries are at most a quarter of that and 32 MiB. Smaller chunks or blocks use
             less memory and run slower.
+        shift: causal-LM shift (Cut Cross-Entropy's ``shift``): the hidden state at position t of
+            a sequence (the last axis of ``target``) is scored against ``target`` at t + 1, and
+            ``input_mask`` at t + 1 applies to it; the last position of each sequence has no
+            label and is ignored (it counts nowhere). ``hidden`` is not copied: the targets (and
+            the mask) are shifted, as int64, and the last position's row is still computed and
+            discarded (1/T of the work). A 1-D ``target`` is one sequence.
+        return_z_loss: also return the z-loss part of the loss (already included in it),
+            reduced as the loss is ("none": per row; ``return_per_token``: its part of the
+            numerator), not differentiated (for logging).
+        return_lse: also return the per-row log-sum-exp of the logits (float32, the shape of
+            ``target``; computed for every row, ignored or not), not differentiated.
 
     Returns:
-        float32: 0-d for "mean" / "sum", [N] for "none" (v_n), or ``(numerator, denominator)``,
-        both 0-d. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in their
-        dtypes; the weight and bias gradients are accumulated in float32).
+        float32: 0-d for "mean" / "sum", the shape of ``target`` for "none", or
+        ``(numerator, denominator)``, both 0-d; followed by the z-loss when ``return_z_loss`` and
+        the lse when ``return_lse`` (as a flat tuple: ``(loss, z_loss, lse)``,
+        ``(numerator, denominator, z_loss)``, ...). Differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias`` (gradients in their dtypes; the weight and bias gradients are accumulated in
+        float32).
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, options, and (in
         PYNATIVE mode) target values outside [0, V) or negative class weights. In GRAPH mode an
         out-of-range target makes the kernel raise RuntimeError at run time.
+        NotImplementedError for the gradient of a gradient.
     """
     return linear_cross_entropy_impl(
         API, hidden, weight, target, bias, ignore_index, class_weight, label_smoothing,
         lse_square_scale_for_zloss, logit_softcap, logit_scale, reduction, input_mask,
-        return_per_token, chunk_size)
+        return_per_token, chunk_size, shift=shift, return_z_loss=return_z_loss,
+        return_lse=return_lse)
+
+
+def _shifted(values, fill):
+    """values[..., t + 1] at t along the last axis, ``fill`` at the last position."""
+    last = ops.full(values.shape[:-1] + (1,), fill, dtype=values.dtype)
+    return ops.concat((values[..., 1:], last), axis=-1)
 
 
 def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, class_weight,
                               label_smoothing, lse_square_scale_for_zloss, logit_softcap,
                               logit_scale, reduction, input_mask, return_per_token, chunk_size,
-                              denominator_guard=0.0):
-    """:func:`linear_cross_entropy` with the API name for error messages and a constant added to
-    the "mean" denominator (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8)."""
+                              denominator_guard=0.0, shift=False, return_z_loss=False,
+                              return_lse=False, zloss_class_weighted=False):
+    """:func:`linear_cross_entropy` with the API name for error messages, a constant added to the
+    "mean" denominators (``LinearCrossEntropyLoss`` adds MindFormers' 1e-8) and the z-loss
+    convention: ``zloss_class_weighted`` gives row n the z-loss weight r_n rho_n and the loss's
+    denominator (``ms_xent.nn.CrossEntropyLoss``'s convention) instead of r_n m_n."""
+    n_rows = _check_batch_dims(api, hidden.shape, target.shape, _shape_or_none(input_mask),
+                               shift)
+    _check_outputs(api, return_z_loss, return_lse)
+    batch_shape = target.shape
+    if shift:
+        target = _shifted(target.astype(ms.int64), ignore_index)
+        if input_mask is not None:
+            input_mask = _shifted(input_mask, 0)
+    if len(hidden.shape) != 2:
+        hidden = hidden.reshape((n_rows, hidden.shape[-1]))
+        target = target.reshape((n_rows,))
+        if input_mask is not None:
+            input_mask = input_mask.reshape((n_rows,))
     _check_inputs(api, hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape,
                   target.dtype, _shape_or_none(bias), _dtype_or_none(bias),
                   _shape_or_none(class_weight), _dtype_or_none(class_weight),
@@ -321,39 +396,52 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
 
     counted = counted_rows(target, ignore_index)
     safe_target = ops.select(counted, target, ops.zeros_like(target))
-    row_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(ms.float32)
-    if input_mask is None:
-        row_coef = ops.ones((n_rows,), ms.float32)
-    else:
-        row_coef = input_mask.astype(ms.float32)
-    row_weight = row_weight * row_coef
-    z_coef = lse_square_scale_for_zloss * row_weight
+    row_coef = (ops.ones((n_rows,), ms.float32) if input_mask is None
+                else input_mask.astype(ms.float32))
+    row_weight = ops.gather(class_weight, safe_target, 0) * counted.astype(ms.float32) * row_coef
+    z_weight = row_weight if zloss_class_weighted else counted.astype(ms.float32) * row_coef
+    z_coef = lse_square_scale_for_zloss * z_weight
 
     static = (int(ignore_index), float(label_smoothing), weighted, has_bias, float(logit_softcap),
               float(logit_scale))
     implementation, rows_backend = _linear_backend()
     use_kernel = implementation == dispatch.CPU_KERNEL
     if use_kernel:
-        layout = vocab_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
+        layout = row_block_layout(api, n_rows, n_hidden, n_vocab, hidden.dtype, chunk_size)
+        backend = cpu_linear
     else:
         layout = chunk_layout(api, n_rows, n_hidden, n_vocab, logit_softcap, chunk_size)
         static = (rows_backend,) + static
+        backend = linear_chunks
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
 
     if reduction == "none":
-        if use_kernel:
-            return cpu_linear.linear_cross_entropy_rows(static, layout, *inputs)
-        return linear_chunks.linear_cross_entropy_rows(static, layout, *inputs)
-
-    denominator = ops.stop_gradient(total(row_weight)) + denominator_guard
-    if reduction == "mean" and not return_per_token:
-        row_coef = safe_divide(row_coef, denominator)
-        z_coef = safe_divide(z_coef, denominator)
-    inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
-    if use_kernel:
-        loss_total = cpu_linear.linear_cross_entropy_sum(static, layout, *inputs)
+        loss, lse = backend.linear_cross_entropy_rows(static, layout, *inputs)
+        loss = loss.reshape(batch_shape)
+        z_scale = 1.0
     else:
-        loss_total = linear_chunks.linear_cross_entropy_sum(static, layout, *inputs)
-    if return_per_token:
-        return loss_total, denominator
-    return loss_total
+        denominator = ops.stop_gradient(total(row_weight)) + denominator_guard
+        z_denominator = ops.stop_gradient(total(z_weight)) + denominator_guard
+        if return_per_token:
+            z_scale = safe_divide(denominator, z_denominator)
+        elif reduction == "mean":
+            row_coef = safe_divide(row_coef, denominator)
+            z_scale = safe_divide(ops.ones((), ms.float32), z_denominator)
+        else:
+            z_scale = 1.0
+        z_coef = z_coef * z_scale
+        inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
+        loss, lse = backend.linear_cross_entropy_sum(static, layout, *inputs)
+        if return_per_token:
+            loss = (loss, denominator)
+    extras = ()
+    if return_z_loss:
+        z_lse = ops.select(z_weight != 0, lse, ops.zeros_like(lse))
+        z_rows = ops.stop_gradient(lse_square_scale_for_zloss * z_weight * z_lse * z_lse)
+        extras += ((z_rows * z_scale).reshape(batch_shape) if reduction == "none"
+                   else total(z_rows) * z_scale,)
+    if return_lse:
+        extras += (ops.stop_gradient(lse).reshape(batch_shape),)
+    if not extras:
+        return loss
+    return (loss if isinstance(loss, tuple) else (loss,)) + extras

@@ -797,8 +797,8 @@ def build(kernel_build):
 
 # ---- fused linear + cross-entropy ----------------------------------------------------------------
 
-# (N, H, V, vocab_block): blocks of 1, blocks that do not divide V, one block, a block above V.
-LINEAR_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 2), (13, 8, 37, 5), (17, 33, 129, 16), (9, 16, 40, 40),
+# (N, H, V, row_block): blocks of 1 row, blocks that do not divide N, one block, a block above N.
+LINEAR_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 2), (13, 8, 37, 5), (17, 33, 129, 16), (40, 16, 9, 40),
                  (5, 7, 11, 64), (70, 24, 300, 37), (257, 40, 1000, 129)]
 LINEAR_OPTIONS = [
     {"ignore_index": -100, "label_smoothing": 0.0, "weighted": False, "has_bias": False,
@@ -817,7 +817,7 @@ def onednn_library():
 
 
 def linear_reference(hidden, weight, bias, target, class_weight, row_coef, z_coef, options):
-    """float64 numpy: (value [N], d sum(value) / d hidden, / d weight, / d bias)."""
+    """float64 numpy: (value [N], lse [N], d sum(value) / d hidden, / d weight, / d bias)."""
     scale, cap, eps = options["logit_scale"], options["logit_softcap"], options["label_smoothing"]
     z = scale * (hidden @ weight.T + (bias if options["has_bias"] else 0.0))
     x = cap * np.tanh(z / cap) if cap > 0 else z
@@ -836,7 +836,7 @@ def linear_reference(hidden, weight, bias, target, class_weight, row_coef, z_coe
               - (a * eps / weight.shape[0])[:, None] * w + (2 * z_coef * lse)[:, None] * p)
     grad_x[rows[counted], safe[counted]] -= (a * (1 - eps) * w[safe])[counted]
     grad_z = grad_x * (1 - (x / cap) ** 2) if cap > 0 else grad_x
-    return (value, scale * grad_z @ weight, scale * grad_z.T @ hidden,
+    return (value, lse, scale * grad_z @ weight, scale * grad_z.T @ hidden,
             scale * grad_z.sum(0))
 
 
@@ -849,14 +849,14 @@ def rounded_to(dtype, values):
 
 
 def run_linear_cross_entropy(kernels, rng):
-    """XentLinearRows / XentLinearSumGrad over every dtype, block sizes that do and do not divide
-    V, every option, ignored and out-of-range targets (canary-padded buffers; finite outputs
+    """XentLinearRows / XentLinearSumGrad over every dtype, row blocks that do and do not divide
+    N, every option, ignored and out-of-range targets (canary-padded buffers; finite outputs
     checked against a float64 reference), N = 0, non-finite hidden states, and malformed calls."""
     tolerance = {"float32": 2e-4, "bfloat16": 5e-2, "float16": 5e-3}
     for number, (dtype, (n, h, v, block)) in enumerate(itertools.product(FLOAT_DTYPES,
                                                                          LINEAR_SHAPES)):
         options = LINEAR_OPTIONS[number % len(LINEAR_OPTIONS)]
-        attrs = dict(options, vocab_block=block, gemm_library=onednn_library())
+        attrs = dict(options, row_block=block, gemm_library=onednn_library())
         what = f"linear {dtype} N={n} H={h} V={v} block={block} {options}"
         hidden = rng.standard_normal((n, h))
         weight = rng.standard_normal((v, h)) * 2 / np.sqrt(h)
@@ -870,20 +870,23 @@ def run_linear_cross_entropy(kernels, rng):
                   Tensor(dtype, (v,), bias), Tensor("int64", (n,), target),
                   Tensor("float32", (v,), class_weight), Tensor("float32", (n,), row_coef),
                   Tensor("float32", (n,), z_coef)]
-        rows = kernels.call("XentLinearRows", inputs + [Tensor("float32", (n,))], OK, attrs,
-                            what, canary=True)[-1]
+        rows, rows_lse = kernels.call(
+            "XentLinearRows", inputs + [Tensor("float32", (n,)), Tensor("float32", (n,))], OK,
+            attrs, what, canary=True)[-2:]
         outputs = kernels.call("XentLinearSumGrad",
-                               inputs + [Tensor("float32", (1,)), Tensor(dtype, (n, h)),
-                                         Tensor(dtype, (v, h)), Tensor(dtype, (v,))],
-                               OK, attrs, what, canary=True)[-4:]
-        check_finite(kernels, "XentLinearSumGrad", [rows] + outputs, what)
-        value, *grads = linear_reference(
+                               inputs + [Tensor("float32", (1,)), Tensor("float32", (n,)),
+                                         Tensor(dtype, (n, h)), Tensor(dtype, (v, h)),
+                                         Tensor(dtype, (v,))],
+                               OK, attrs, what, canary=True)[-5:]
+        check_finite(kernels, "XentLinearSumGrad", [rows, rows_lse] + outputs, what)
+        value, lse, *grads = linear_reference(
             rounded_to(dtype, hidden), rounded_to(dtype, weight), rounded_to(dtype, bias),
             target, class_weight, row_coef, z_coef, options)
-        for name, got, want in (("value", rows, value), ("total", outputs[0], [value.sum()]),
-                                ("grad_hidden", outputs[1], grads[0]),
-                                ("grad_weight", outputs[2], grads[1]),
-                                ("grad_bias", outputs[3], grads[2] * options["has_bias"])):
+        for name, got, want in (("value", rows, value), ("lse", rows_lse, lse),
+                                ("total", outputs[0], [value.sum()]), ("lse", outputs[1], lse),
+                                ("grad_hidden", outputs[2], grads[0]),
+                                ("grad_weight", outputs[3], grads[1]),
+                                ("grad_bias", outputs[4], grads[2] * options["has_bias"])):
             error = np.abs(np.asarray(got) - want).max(initial=0.0)
             peak = np.abs(want).max(initial=0.0)
             if error > tolerance[dtype] * (1.0 + peak):
@@ -893,15 +896,17 @@ def run_linear_cross_entropy(kernels, rng):
             bad[0] = v
             kernels.call("XentLinearSumGrad",
                          inputs[:3] + [Tensor("int64", (n,), bad)] + inputs[4:]
-                         + [Tensor("float32", (1,)), Tensor(dtype, (n, h)), Tensor(dtype, (v, h)),
-                            Tensor(dtype, (v,))], TARGET_OUT_OF_RANGE, attrs, what + " bad target")
+                         + [Tensor("float32", (1,)), Tensor("float32", (n,)),
+                            Tensor(dtype, (n, h)), Tensor(dtype, (v, h)), Tensor(dtype, (v,))],
+                         TARGET_OUT_OF_RANGE, attrs, what + " bad target")
     run_linear_cross_entropy_edges(kernels, rng)
+    run_linear_cross_entropy_extremes(kernels, rng)
 
 
 def run_linear_cross_entropy_edges(kernels, rng):
     """N = 0; hidden states with inf / NaN; no AotExtra (the matrix-product library is then not
     loaded: kBadArguments); malformed calls."""
-    attrs = dict(LINEAR_OPTIONS[2], vocab_block=3, gemm_library=onednn_library())
+    attrs = dict(LINEAR_OPTIONS[2], row_block=3, gemm_library=onednn_library())
     n, h, v = 4, 6, 10
 
     def call(symbol, hidden_shape=(n, h), weight_shape=(v, h), bias=(v,), target=(n,),
@@ -913,9 +918,10 @@ def run_linear_cross_entropy_edges(kernels, rng):
                    Tensor("float32", (weight_shape[0],), np.ones(weight_shape[0])),
                    Tensor("float32", coef, np.ones(coef)), Tensor("float32", coef, np.ones(coef))]
         if outputs is None:
-            outputs = ([Tensor("float32", (hidden_shape[0],))] if symbol == "XentLinearRows" else
-                       [Tensor("float32", (1,)), Tensor("float32", hidden_shape),
-                        Tensor("float32", weight_shape), Tensor("float32", bias)])
+            lse = Tensor("float32", (hidden_shape[0],))
+            outputs = ([Tensor("float32", (hidden_shape[0],)), lse] if symbol == "XentLinearRows"
+                       else [Tensor("float32", (1,)), lse, Tensor("float32", hidden_shape),
+                             Tensor("float32", weight_shape), Tensor("float32", bias)])
         return kernels.call(symbol, tensors + outputs, expected, extra, "linear edge " + what)
 
     for symbol in ("XentLinearRows", "XentLinearSumGrad"):
@@ -930,6 +936,47 @@ def run_linear_cross_entropy_edges(kernels, rng):
         call(symbol, target=(n + 1,), expected=BAD_ARGUMENTS, what="target length")
         call(symbol, weight_shape=(0, h), bias=(0,), expected=BAD_ARGUMENTS, what="V=0")
         call(symbol, outputs=[], expected=BAD_ARGUMENTS, what="parameter count")
+
+
+def run_linear_cross_entropy_extremes(kernels, rng):
+    """Logits offset by a bias of 1e6, 1e30 and 3e38 (finite) and confident rows (p_y = 1 - 1e-7)
+    against float64: loss relative error <= 1e-5 and logit-gradient error <= 1e-6 of the row's
+    peak. hidden = I and weight = c I make the logits c I + bias exactly in float32 and
+    d hidden = s g W = c g, so the logit gradient g is read back exactly."""
+    n = v = 24
+    confident = -np.log(1e-7 / (v - 1))  # the target's logit: p_y = 1 / (1 + 1e-7)
+    cases = {"offset 1e6": (1.0, 1e6 + 0.0625 * np.arange(v)),  # exact in float32
+             "offset 1e30": (1.0, np.full(v, 1e30)), "offset 3e38": (1.0, np.full(v, 3e38)),
+             "confident": (confident, np.zeros(v))}
+    attrs = dict(LINEAR_OPTIONS[0], has_bias=True, row_block=7, gemm_library=onednn_library())
+    target = np.arange(n)
+    for what, (c, bias) in cases.items():
+        hidden, weight = np.eye(n), c * np.eye(v)
+        x = (hidden @ weight.T + bias).astype(np.float32).astype(np.float64)
+        # float64 about each row's max (lse itself would absorb log 24 at 1e30)
+        shifted = x - x.max(axis=1, keepdims=True)
+        log_sum = np.log(np.exp(shifted).sum(axis=1))
+        want_loss = log_sum - shifted[target, target]
+        want_grad = np.exp(shifted - log_sum[:, None])
+        want_grad[target, target] = np.expm1(-want_loss)  # -(1 - p_y)
+        inputs = [Tensor("float32", (n, v), hidden), Tensor("float32", (v, v), weight),
+                  Tensor("float32", (v,), bias), Tensor("int64", (n,), target),
+                  Tensor("float32", (v,), np.ones(v)), Tensor("float32", (n,), np.ones(n)),
+                  Tensor("float32", (n,), np.zeros(n))]
+        value = kernels.call("XentLinearRows",
+                             inputs + [Tensor("float32", (n,)), Tensor("float32", (n,))], OK,
+                             attrs, "linear extreme " + what)[-2]
+        grad_hidden = kernels.call(
+            "XentLinearSumGrad", inputs + [Tensor("float32", (1,)), Tensor("float32", (n,)),
+                                           Tensor("float32", (n, v)), Tensor("float32", (v, v)),
+                                           Tensor("float32", (v,))],
+            OK, attrs, "linear extreme " + what)[-3]
+        loss_error = np.abs(np.asarray(value) / want_loss - 1).max()
+        grad_error = (np.abs(np.asarray(grad_hidden) / c - want_grad).max(axis=1)
+                      / np.abs(want_grad).max(axis=1)).max()
+        if not loss_error <= 1e-5 or not grad_error <= 1e-6:
+            kernels.failures.append(f"linear extreme {what}: loss relative error {loss_error:.3g}, "
+                                    f"gradient error {grad_error:.3g} of the row's peak")
 
 
 def main():

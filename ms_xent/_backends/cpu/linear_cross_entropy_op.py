@@ -30,25 +30,29 @@ import os
 import mindspore as ms
 from mindspore import nn
 
-from ms_xent._backends._mindspore import (Function, cached_primitive, executing_eagerly,
+from ms_xent._backends._mindspore import (FirstOrderOnly, Function, cached_primitive,
+                                          check_first_order, executing_eagerly,
                                           gradients_recorded, total)
 from ms_xent._backends.cpu.aot_primitive import (FLOAT_DTYPES, INDEX_DTYPES, AotPrimitive,
                                                  KernelSpec, dtype_rows)
 from ms_xent._backends.linear_chunks import no_input_grads, scaled_gradient
 
+API = "linear_cross_entropy"
 ONEDNN_LIBRARY = "libdnnl.so.3"
 _INPUTS = ("hidden", "weight", "bias", "target", "class_weight", "row_coef", "z_coef")
 _F32 = ("float32",)
 LINEAR_ROWS = KernelSpec(
-    "XentLinearRows", _INPUTS, ("value",),
+    "XentLinearRows", _INPUTS, ("value", "lse"),
     dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
-               tie={1: 0, 2: 0}),
-    lambda *input_dtypes: ms.float32)
+               _F32, tie={1: 0, 2: 0}),
+    lambda *input_dtypes: (ms.float32, ms.float32))
 LINEAR_SUM_GRAD = KernelSpec(
-    "XentLinearSumGrad", _INPUTS, ("total", "grad_hidden", "grad_weight", "grad_bias"),
+    "XentLinearSumGrad", _INPUTS, ("total", "lse", "grad_hidden", "grad_weight", "grad_bias"),
     dtype_rows(FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, INDEX_DTYPES, _F32, _F32, _F32, _F32,
-               FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, tie={1: 0, 2: 0, 8: 0, 9: 0, 10: 0}),
-    lambda hidden_dtype, *rest: (ms.float32, hidden_dtype, hidden_dtype, hidden_dtype))
+               _F32, FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES,
+               tie={1: 0, 2: 0, 9: 0, 10: 0, 11: 0}),
+    lambda hidden_dtype, *rest: (ms.float32, ms.float32, hidden_dtype, hidden_dtype,
+                                 hidden_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +68,7 @@ def _attrs(static, vocab_block):
     return {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
             "weighted": bool(weighted), "has_bias": bool(has_bias),
             "logit_softcap": float(logit_softcap), "logit_scale": float(logit_scale),
-            "vocab_block": int(vocab_block), "gemm_library": onednn_library()}
+            "row_block": int(vocab_block), "gemm_library": onednn_library()}
 
 
 class LinearRows(AotPrimitive):
@@ -87,6 +91,7 @@ class _GraphSum(nn.Cell):
     def __init__(self, static, vocab_block):
         super().__init__()
         self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return self.sum_grad(hidden, weight, bias, target, class_weight, row_coef, z_coef)
@@ -94,10 +99,10 @@ class _GraphSum(nn.Cell):
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
         scale = dout[0]
         if (scale == 1).all():
-            grads = (out[1], out[2], out[3])
+            grads = (out[2], out[3], out[4])
         else:
-            grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[1:])
-        return grads + no_input_grads(target, class_weight, row_coef, z_coef)
+            grads = tuple(scaled_gradient(grad, scale, grad.dtype) for grad in out[2:])
+        return self.first_order_only(*grads) + no_input_grads(target, class_weight, row_coef, z_coef)
 
 
 class _GraphRows(nn.Cell):
@@ -107,15 +112,16 @@ class _GraphRows(nn.Cell):
         super().__init__()
         self.rows = LinearRows(static, vocab_block)
         self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
         return self.rows(hidden, weight, bias, target, class_weight, row_coef, z_coef)
 
     def bprop(self, hidden, weight, bias, target, class_weight, row_coef, z_coef, out, dout):
-        _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
-            hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
-        return (grad_hidden, grad_weight, grad_bias) + no_input_grads(target, class_weight,
-                                                                      row_coef, z_coef)
+        _, _, grad_hidden, grad_weight, grad_bias = self.sum_grad(
+            hidden, weight, bias, target, class_weight, dout[0] * row_coef, dout[0] * z_coef)
+        return self.first_order_only(grad_hidden, grad_weight, grad_bias) + no_input_grads(
+            target, class_weight, row_coef, z_coef)
 
 
 class _EagerSum(Function):
@@ -125,13 +131,15 @@ class _EagerSum(Function):
     @staticmethod
     def forward(ctx, static, vocab_block, with_grads, *inputs):
         if not with_grads:
-            return total(cached_primitive(LinearRows, static, vocab_block)(*inputs))
-        loss_total, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+            values, lse = cached_primitive(LinearRows, static, vocab_block)(*inputs)
+            return total(values), lse
+        loss_total, lse, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
         ctx.grads = grads
-        return loss_total.reshape(())
+        return loss_total.reshape(()), lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
+        check_first_order(API)
         grads, ctx.grads = ctx.grads, None
         return (None, None, None) + tuple(scaled_gradient(grad, dout, grad.dtype) for grad in grads) + (None,) * 4
 
@@ -147,18 +155,19 @@ class _EagerRows(Function):
         return cached_primitive(LinearRows, static, vocab_block)(*inputs)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _):
+        check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
             ctx.inputs, None
-        _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
+        _, _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
             hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
         return (None, None) + tuple(grads) + (None,) * 4
 
 
 def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, class_weight,
                              row_coef, z_coef):
-    """float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
-    weight and bias.
+    """(float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
+    weight and bias; float32 [N] lse, not differentiated).
 
     ``static`` = (ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale);
     ``vocab_block``: vocabulary rows per block. Tensor inputs: hidden [N, H], weight [V, H],
@@ -168,13 +177,14 @@ def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, 
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerSum.apply(static, vocab_block, gradients_recorded(), *inputs)
-    return _GraphSum(static, vocab_block)(*inputs)[0].reshape(())
+    outputs = _GraphSum(static, vocab_block)(*inputs)
+    return outputs[0].reshape(()), outputs[1]
 
 
 def linear_cross_entropy_rows(static, vocab_block, hidden, weight, bias, target, class_weight,
                               row_coef, z_coef):
-    """float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``; arguments as
-    :func:`linear_cross_entropy_sum`."""
+    """(float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``, float32 [N] lse not differentiated);
+    arguments as :func:`linear_cross_entropy_sum`."""
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
         return _EagerRows.apply(static, vocab_block, *inputs)
