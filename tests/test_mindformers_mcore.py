@@ -353,6 +353,7 @@ def test_yaml_options_reach_the_loss_graph_mode():
 # ---- msrun DATA_PARALLEL, 2 workers -------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("backend")  # the workers get the backend through MS_XENT_BACKEND
 def test_data_parallel_two_workers_match_a_single_process(tmp_path):
     run_msrun(Path(dp_worker.__file__), tmp_path)
     ranks = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(dp_worker.WORLD_SIZE)]

@@ -221,13 +221,20 @@ def test_semi_auto_parallel_sets_the_strategies_of_mindformers_loss(semi_auto_pa
 # ---- msrun, 2 CPU workers ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory):
-    """Runs every case of the worker once under msrun; returns the output directory."""
-    out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    seconds = run_msrun(WORKER, out_dir)
-    print(f"\nmsrun (2 CPU workers, {len(worker.CASES)} cases x {len(worker.MODES)} modes): "
-          f"{seconds:.1f} s", file=sys.stderr)
-    return out_dir
+def distributed_runs(tmp_path_factory):
+    """The output directory of one msrun of every case of the worker per backend (run on first
+    use under that backend: ``run_msrun`` passes the active backend to the workers)."""
+    runs = {}
+
+    def output_dir(backend):
+        if backend not in runs:
+            out_dir = tmp_path_factory.mktemp(f"vocab_parallel_{backend}")
+            seconds = run_msrun(WORKER, out_dir)
+            print(f"\nmsrun ({backend}, 2 CPU workers, {len(worker.CASES)} cases x "
+                  f"{len(worker.MODES)} modes): {seconds:.1f} s", file=sys.stderr)
+            runs[backend] = out_dir
+        return runs[backend]
+    return output_dir
 
 
 def gathered(case, out_dir, name, mode, world_size=2):
@@ -266,19 +273,20 @@ MINUS_INF_CASE = "minus_inf_target_slice"
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(worker.MODES))
 @pytest.mark.parametrize("name", [name for name in worker.CASES if name != MINUS_INF_CASE])
-def test_two_ranks_match_single_process(distributed_results, name, mode):
+def test_two_ranks_match_single_process(distributed_runs, backend, name, mode):
     case = worker.CASES[name]
-    result = gathered(case, distributed_results, name, mode)
+    result = gathered(case, distributed_runs(backend), name, mode)
     check_against_references(result, case, f"{name} ({mode}, 2 ranks, {case.layout})")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(worker.MODES))
-def test_two_ranks_minus_inf_target_slice_gives_inf_as_a_single_device(distributed_results, mode):
+def test_two_ranks_minus_inf_target_slice_gives_inf_as_a_single_device(distributed_runs, backend,
+                                                                     mode):
     """The target's logit and the owning rank's whole slice are -inf: the row's loss is +inf on
     every rank, as on a single device, not NaN; the other rows are unaffected."""
     case = worker.CASES[MINUS_INF_CASE]
-    result = gathered(case, distributed_results, MINUS_INF_CASE, mode)
+    result = gathered(case, distributed_runs(backend), MINUS_INF_CASE, mode)
     single = single_process(case)
     assert np.isposinf(result["loss_rows"][2]) and np.isposinf(single["loss_rows"][2])
     others = np.arange(case.n_rows) != 2

@@ -35,7 +35,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, expm1, log1p, total
+from ms_xent._backends._mindspore import counted_rows, expm1, log1p, tanh, total
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
@@ -49,7 +49,7 @@ def _smoothed_probabilities(target, label_smoothing, n_classes):
     return target
 
 
-def split_log_sum_exp(x, zeros_like, softmax):
+def split_log_sum_exp(x, zeros_like, softmax, scatter):
     """(row_max, log_sum), float32 [N] each, lse = row_max + log_sum, with the precision of the
     CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
@@ -60,15 +60,39 @@ def split_log_sum_exp(x, zeros_like, softmax):
     digits of rest above 2^-24. row_max is 0 when it is not finite: a row of -inf gives
     (0, -inf); a row holding NaN gets log_sum NaN, as in the kernels."""
     row_max = ops.amax(x, 1)
+    if x.shape[0] == 0:
+        return row_max, row_max  # MindSpore's CPU Argmax refuses an empty batch
     minus_inf = row_max == float("-inf")
+    # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly; a row holding +inf gets
+    # NaN too (inf - inf), as in the kernels.
+    undefined = ops.isnan(x).any(axis=1) | (row_max == float("inf"))
     row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
     p = softmax(x)
     top = ops.argmax(x, 1).reshape(-1, 1)
-    rest = ops.tensor_scatter_elements(p, top, zeros_like(top).astype(F32), 1).sum(axis=1)
+    rest = scatter(p, top, zeros_like(top).astype(F32)).sum(axis=1)
     log_sum = -log1p(-rest)
     log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
-    # amax skips NaN: a row holding a NaN logit gets lse NaN explicitly.
-    return row_max, ops.select(ops.isnan(x).any(axis=1), log_sum * float("nan"), log_sum)
+    return row_max, ops.select(undefined, log_sum * float("nan"), log_sum)
+
+
+def _per_row(values, like):
+    """[N] values broadcast to the [N, C] shape of ``like`` as a tensor of its own.
+
+    MindSpore 2.9's CPU element-wise kernels broadcast an [N, 1] operand through index tables
+    (measured: x * v[:, None] peaks at 5x the size of x, and is ~10x slower than a same-shape
+    product); an explicit BroadcastTo costs one [N, C] buffer."""
+    return ops.broadcast_to(values.reshape(-1, 1), like.shape)
+
+
+def _checked_rows(target, ignore_index, n_classes):
+    """(counted, out_of_range), bool [N]: the rows that count, and those of them whose class index
+    is outside [0, C). Target values are unknown while a graph compiles, so instead of an error
+    such rows get a NaN loss and a NaN gradient (never a silently wrapped index); ``counted`` is
+    False on them, so that no index outside [0, C) reaches a gather."""
+    counted = counted_rows(target, ignore_index)
+    wide = target.astype(ms.int64)
+    out_of_range = counted & ((wide < 0) | (wide >= n_classes))
+    return counted & ~out_of_range, out_of_range
 
 
 class RowKernels(nn.Cell):
@@ -94,14 +118,15 @@ class RowKernels(nn.Cell):
         # bprop: in GRAPH mode MindSpore 2.9 fails to differentiate around such a Cell ("The
         # pointer[input] is null") when it calls the composite zeros_like that autodiff also uses.
         self.zeros_like = ops.ZerosLike()
-        # Likewise the fused softmax kernels, used by the forward and the bprop.
+        # Likewise the fused softmax kernels and the scatter, used by the forward and the bprop.
         self.softmax = ops.Softmax(axis=1)
         self.log_softmax = ops.LogSoftmax(axis=1)
+        self.scatter = ops.TensorScatterElements(axis=1)
 
     def forward(self, logits, target, weight):
         x = logits.astype(F32)
         n_classes = x.shape[1]
-        row_max, log_sum = split_log_sum_exp(x, self.zeros_like, self.softmax)
+        row_max, log_sum = split_log_sum_exp(x, self.zeros_like, self.softmax, self.scatter)
         lse = row_max + log_sum
         # -log p = (row_max - x) + log_sum: two non-negative terms, no cancellation.
         if self.soft:
@@ -111,7 +136,7 @@ class RowKernels(nn.Cell):
             negative_log_prob = (row_max.reshape(-1, 1) - x) + log_sum.reshape(-1, 1)
             rows = (probabilities * negative_log_prob).sum(axis=1)
             return rows, lse, ops.ones_like(lse), (row_max, log_sum)
-        counted = counted_rows(target, self.ignore_index)
+        counted, out_of_range = _checked_rows(target, self.ignore_index, n_classes)
         # Ignored rows: 0 in place of their (possibly non-finite) shift.
         kept_max = ops.select(counted, row_max, self.zeros_like(row_max))
         kept_log_sum = ops.select(counted, log_sum, self.zeros_like(log_sum))
@@ -126,8 +151,9 @@ class RowKernels(nn.Cell):
             rows = ((1.0 - self.label_smoothing) * rows
                     + (self.label_smoothing / n_classes) * negative_log_prob.sum(axis=1))
         zeros = self.zeros_like(rows)
-        return (ops.select(counted, rows, zeros), lse, ops.select(counted, target_weight, zeros),
-                (row_max, log_sum))
+        rows = ops.select(counted, rows, zeros)
+        return (ops.select(out_of_range, ops.full_like(rows, float("nan")), rows), lse,
+                ops.select(counted, target_weight, zeros), (row_max, log_sum))
 
     def backward(self, logits, target, weight, shift, row_grad, row_grad_lse):
         x = logits.astype(F32)
@@ -152,8 +178,9 @@ class RowKernels(nn.Cell):
             grad = (p * (a * smoothed.sum(axis=1) + row_grad_lse).reshape(-1, 1)
                     - a.reshape(-1, 1) * smoothed)
         else:
-            counted = counted_rows(target, self.ignore_index)
+            counted, out_of_range = _checked_rows(target, self.ignore_index, n_classes)
             a = ops.select(counted, row_grad, self.zeros_like(row_grad))
+            a = ops.select(out_of_range, a * float("nan"), a)
             safe_target = ops.select(counted, target, self.zeros_like(target))
             if self.weighted:
                 target_weight = ops.gather(weight, safe_target, 0) * counted.astype(F32)
@@ -164,7 +191,7 @@ class RowKernels(nn.Cell):
             target_coef = a * (1.0 - self.label_smoothing) * target_weight
             k_rest = a * smooth * total_weight + row_grad_lse if self.label_smoothing > 0 else (
                 row_grad_lse)
-            grad = p * (target_coef + k_rest).reshape(-1, 1)
+            grad = p * _per_row(target_coef + k_rest, p)
             smoothing_term = 0.0
             if self.label_smoothing > 0:
                 class_term = weight if self.weighted else 1.0
@@ -175,10 +202,9 @@ class RowKernels(nn.Cell):
             log_p = ((ops.gather_elements(x, 1, safe_target.reshape(-1, 1)).reshape(-1)
                       - shift[0]) - shift[1])
             true_class = target_coef * expm1(log_p) + ops.exp(log_p) * k_rest - smoothing_term
-            grad = ops.tensor_scatter_elements(grad, safe_target.reshape(-1, 1),
-                                               true_class.reshape(-1, 1), 1)
+            grad = self.scatter(grad, safe_target.reshape(-1, 1), true_class.reshape(-1, 1))
         silent = (a == 0) & (row_grad_lse == 0)
-        grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
+        grad = ops.masked_fill(grad, _per_row(silent, grad), 0.0)
         return grad.astype(logits.dtype)
 
 
@@ -219,7 +245,7 @@ def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
         return logits
     z = logits.astype(F32) * logit_scale
     if logit_softcap > 0:
-        z = logit_softcap * ops.tanh(z / logit_softcap)
+        z = logit_softcap * tanh(z / logit_softcap)
     return z
 
 
@@ -240,7 +266,11 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     if not return_argmax:
         return rows
     index_dtype = ms.int64 if soft else target.dtype
-    return rows + (ops.stop_gradient(ops.argmax(z, 1)).astype(index_dtype),)
+    # MindSpore's Argmax skips NaN; a NaN counts as the largest value (as torch.argmax and the
+    # kernels): the first NaN of a row wins.
+    nan = ops.isnan(z)
+    argmax = ops.select(nan.any(axis=1), ops.argmax(nan.astype(F32), 1), ops.argmax(z, 1))
+    return rows + (ops.stop_gradient(argmax).astype(index_dtype),)
 
 
 def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_index=-100,  # pylint: disable=redefined-builtin

@@ -54,7 +54,7 @@ from mindspore.ops import constexpr
 
 from ms_xent._backends import dispatch
 from ms_xent._backends._mindspore import (FirstOrderOnly, Function, check_first_order,
-                                          executing_eagerly, gradients_recorded, total)
+                                          executing_eagerly, gradients_recorded, tanh, total)
 
 API = "linear_cross_entropy"
 FLOAT32_BYTES = 4
@@ -117,7 +117,7 @@ class ChunkMath(nn.Cell):
         if self.has_bias:
             logits = logits + bias_f32 * self.logit_scale
         if self.logit_softcap > 0:
-            logits = ops.tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
+            logits = tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
         return logits
 
     def values(self, logits, target, class_weight, row_coef, z_coef):

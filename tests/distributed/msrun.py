@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ms_xent._backends import dispatch
+
 MSRUN_TIMEOUT_S = 900
 
 
@@ -28,9 +30,13 @@ def log_tails(log_dir, lines=40):
 
 
 def run_msrun(script, out_dir, workers=2):
-    """Runs ``script out_dir`` under msrun with ``workers`` local CPU workers; returns seconds."""
+    """Runs ``script out_dir`` under msrun with ``workers`` local CPU workers; returns seconds.
+
+    The workers run on the backend active here (``ms_xent.use_backend`` does not cross process
+    boundaries: it is passed as ``MS_XENT_BACKEND``)."""
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", GLOG_v="3")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", GLOG_v="3",
+               MS_XENT_BACKEND=dispatch.requested_backend())
     log_dir = Path(out_dir) / "msrun_logs"
     command = [str(bin_dir / "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
                f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True",
