@@ -60,7 +60,9 @@ def launched_without_msrun(config_path):
     with open(config_path, encoding="utf-8") as stream:
         config = yaml.safe_load(stream) or {}
     launched = os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE")
-    return bool(config.get("use_parallel")) and not launched
+    # A config for another device is refused first by the device check (exit code 2 as well).
+    on_cpu = (config.get("context") or {}).get("device_target", "CPU") == "CPU"
+    return bool(config.get("use_parallel")) and on_cpu and not launched
 
 
 def default_output_dir():

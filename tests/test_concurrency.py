@@ -88,21 +88,26 @@ def cross_entropy_calls(dtype, index_dtype, seed):
     x, t, soft = logits_case(seed)
     n_rows, n_classes = x.shape
     inputs = [Operand(x, dtype), Operand(t, index_dtype), Operand(np.ones(n_classes), "float32")]
-    rows = [Operand.empty(n_rows, "float32") for _ in range(3)]
+    # Outputs: loss_rows, lse, row_weight, then the backward's shift state (row_max, row_log_sum).
+    rows = [Operand.empty(n_rows, "float32") for _ in range(5)]
     forward = call("XentHardForwardLogProb",
                    inputs + rows + [Operand.empty((n_rows, n_classes), dtype)])
-    loss_rows, lse, log_prob = forward[3], forward[4], forward[6]
+    loss_rows, lse, log_prob = forward[3], forward[4], forward[8]
     row_grad = Operand(np.linspace(-1, 1, n_rows), "float32")
     row_grad_lse = Operand(np.full(n_rows, 0.1), "float32")
+    zeros = np.zeros(n_rows)
     backward = [call("XentHardBackward",
-                     [Operand(source, dtype), inputs[1], inputs[2], Operand(shift, "float32"),
-                      row_grad, row_grad_lse, Operand.empty((n_rows, n_classes), dtype)])[-1]
-                for source, shift in ((x, lse), (log_prob, np.zeros(n_rows)))]
+                     [Operand(source, dtype), inputs[1], inputs[2], Operand(shift_max, "float32"),
+                      Operand(shift_log_sum, "float32"), row_grad, row_grad_lse,
+                      Operand.empty((n_rows, n_classes), dtype)])[-1]
+                for source, shift_max, shift_log_sum in ((x, forward[6], forward[7]),
+                                                         (log_prob, zeros, zeros))]
     soft_inputs = [Operand(x, dtype), Operand(soft, dtype), inputs[2]]
     soft_forward = call("XentSoftForward",
-                        soft_inputs + [Operand.empty(n_rows, "float32") for _ in range(2)])
+                        soft_inputs + [Operand.empty(n_rows, "float32") for _ in range(4)])
     soft_backward = call("XentSoftBackward",
-                         soft_inputs + [Operand(soft_forward[4], "float32"), row_grad,
+                         soft_inputs + [Operand(soft_forward[5], "float32"),
+                                        Operand(soft_forward[6], "float32"), row_grad,
                                         row_grad_lse, Operand.empty((n_rows, n_classes), dtype)])
     return [loss_rows, lse, log_prob] + backward + soft_forward[3:5] + [soft_backward[-1]]
 

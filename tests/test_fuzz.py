@@ -120,6 +120,8 @@ LOGIT_KINDS = ("normal", "rising", "minus_inf_some", "all_but_one_minus_inf", "m
                "nan", "plus_inf", "huge", "tiny", "constant")
 IGNORE_KINDS = ("default", "minus_one", "valid_class", "beyond_classes", "int32_min",
                 "beyond_int32")
+# Probability targets refuse an ignore_index >= 0 (as PyTorch does): valid calls use these.
+NEGATIVE_IGNORE_KINDS = ("default", "minus_one", "int32_min")
 WEIGHT_KINDS = ("none", "positive", "with_zeros", "all_zero")
 APIS = ("cross_entropy_loss", "cross_entropy_rows", "cross_entropy_loss_grad",
         "vocab_parallel_cross_entropy_rows", "CrossEntropyLoss")
@@ -241,7 +243,8 @@ def valid_cases(draw):
         offset=draw(st.sampled_from([0.0, 0.0, 20.0, -200.0, 3000.0])),
         target_kind=target_kind,
         target_dtype=draw(st.sampled_from(list(DTYPES))),
-        ignore=draw(st.sampled_from(IGNORE_KINDS)),
+        ignore=draw(st.sampled_from(NEGATIVE_IGNORE_KINDS if target_kind == "probabilities"
+                                    else IGNORE_KINDS)),
         ignore_fraction=draw(st.sampled_from([0.0, 0.3, 1.0])),
         weight=draw(st.sampled_from(WEIGHT_KINDS)),
         weight_dtype=draw(st.sampled_from(list(DTYPES))),

@@ -35,7 +35,8 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import counted_rows, expm1, log1p, tanh, total
+from ms_xent._backends._mindspore import (counted_rows, expm1, log1p, softmax_input, tanh,
+                                          total)
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
@@ -67,7 +68,7 @@ def split_log_sum_exp(x, zeros_like, softmax, scatter):
     # NaN too (inf - inf), as in the kernels.
     undefined = ops.isnan(x).any(axis=1) | (row_max == float("inf"))
     row_max = ops.select(ops.isfinite(row_max), row_max, zeros_like(row_max))
-    p = softmax(x)
+    p = softmax(softmax_input(x))
     top = ops.argmax(x, 1).reshape(-1, 1)
     rest = scatter(p, top, zeros_like(top).astype(F32)).sum(axis=1)
     log_sum = -log1p(-rest)
@@ -220,12 +221,12 @@ class RowsCell(RowKernels):
         # The shift is this row's own lse: MindSpore's fused Softmax kernel gives p directly.
         x = logits.astype(F32)
         shift = (out[3], out[4])
-        grad = self._gradient(x, self.softmax(x), logits, target, weight, dout[0], dout[1],
-                              shift)
+        grad = self._gradient(x, self.softmax(softmax_input(x)), logits, target, weight, dout[0],
+                              dout[1], shift)
         if not self.soft:
             return grad, self.zeros_like(target), self.zeros_like(weight)
         # dl_n/dt[c] = -(1 - eps) w[c] log p[c]  (t' = (1 - eps) t + eps / C)
-        log_p = self.log_softmax(x)
+        log_p = self.log_softmax(softmax_input(x))
         class_term = weight if self.weighted else 1.0
         grad_target = -(1.0 - self.label_smoothing) * dout[0].reshape(-1, 1) * class_term * log_p
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
