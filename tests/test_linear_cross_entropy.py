@@ -702,3 +702,22 @@ def test_cpu_kernel_accuracy_on_offset_and_confident_rows(mode, case):
     assert np.abs(rows / want_loss - 1).max() <= 1e-5
     grad_error = np.abs(grad_hidden / weight.max() - want_grad).max(axis=1)
     assert (grad_error <= 1e-6 * np.abs(want_grad).max(axis=1)).all()
+
+
+def test_zloss_scale_of_one_and_above_is_accepted():
+    """Only the vendor-signature op keeps the vendor's [0, 1) z-loss range; linear CE takes any
+    finite s >= 0 (mean CE plus s times the mean lse^2, against float64 numpy)."""
+    rng = np.random.default_rng(3)
+    hidden, weight = rng.standard_normal((8, 4)), rng.standard_normal((16, 4))
+    target = np.arange(8)
+    logits = hidden.astype(np.float32).astype(np.float64) @ weight.astype(np.float32).T
+    lse = np.log(np.exp(logits).sum(axis=1))
+    expected = np.mean(lse - logits[np.arange(8), target]) + 1.5 * np.mean(lse ** 2)
+    loss = linear_cross_entropy(ms.Tensor(hidden.astype(np.float32)),
+                                ms.Tensor(weight.astype(np.float32)), ms.Tensor(target),
+                                lse_square_scale_for_zloss=1.5)
+    np.testing.assert_allclose(float(loss.asnumpy()), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="lse_square_scale_for_zloss"):
+        linear_cross_entropy(ms.Tensor(hidden.astype(np.float32)),
+                             ms.Tensor(weight.astype(np.float32)), ms.Tensor(target),
+                             lse_square_scale_for_zloss=float("inf"))

@@ -16,7 +16,7 @@ from ms_xent.nn.cell_arguments import (check_flag, check_positive_int, class_wei
                                        parallel_degrees, wants_per_token_output)
 from ms_xent.ops.linear_cross_entropy import linear_cross_entropy_impl
 from ms_xent.ops.validation import (check_ignore_index, check_keywords, check_option_values,
-                                    check_tensors)
+                                    check_tensors, check_zloss_scale)
 
 API = "LinearCrossEntropyLoss"
 # MindFormers adds this to the "mean" denominator so that an all-masked batch gives 0, not NaN.
@@ -56,7 +56,7 @@ class LinearCrossEntropyLoss(nn.Cell):
             default None (all 1).
         ignore_index: label value whose rows do not count (default -100).
         label_smoothing: float eps in [0, 1), default 0.0.
-        lse_square_scale_for_zloss: z-loss scale s in [0, 1), default 0.0; the z-loss is added to
+        lse_square_scale_for_zloss: z-loss scale s, any finite s >= 0, default 0.0; added to
             the loss, unweighted (mean over the counted masked-in rows), as in
             ``CrossEntropyLoss``; class weights with a z-loss and the (numerator, denominator)
             output raise ValueError.
@@ -97,7 +97,8 @@ class LinearCrossEntropyLoss(nn.Cell):
         calculate_per_token_loss = check_flag("calculate_per_token_loss",
                                                calculate_per_token_loss, API)
         seq_split_num = check_positive_int("seq_split_num", seq_split_num, API)
-        check_option_values(API, reduction, label_smoothing, lse_square_scale_for_zloss)
+        check_option_values(API, reduction, label_smoothing, 0.0)
+        check_zloss_scale(API, lse_square_scale_for_zloss)
         check_ignore_index(API, ignore_index)
         self.per_token_output = wants_per_token_output(calculate_per_token_loss, seq_split_num,
                                                        reduction, API)

@@ -30,7 +30,8 @@ from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent._backends.linear_chunks import FLOAT32_BYTES, live_row_buffers
 from ms_xent.ops.validation import (FLOAT_TYPES, INDEX_TYPES, check_ignore_index,
                                     check_logit_map, check_option_values, check_target_values,
-                                    check_tensors, check_weight_values, rank_of)
+                                    check_tensors, check_weight_values, check_zloss_scale,
+                                    rank_of)
 
 API = "linear_cross_entropy"
 MIB = 1 << 20
@@ -288,7 +289,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
         class_weight: optional [V] finite class weights of any sign (not differentiated); default
             None (all 1).
         label_smoothing: float eps in [0, 1), default 0.0.
-        lse_square_scale_for_zloss: z-loss scale s, default 0.0; the z-loss is added to the loss.
+        lse_square_scale_for_zloss: z-loss scale s, any finite s >= 0, default 0.0; the z-loss is
+            added to the loss.
         logit_softcap: float, default 0.0; cap > 0 applies Gemma-style ``cap * tanh(logits / cap)``;
             0 disables it.
         logit_scale: float, default 1.0; non-zero factor applied to ``hidden @ weight.T + bias``
@@ -376,7 +378,8 @@ def linear_cross_entropy_impl(api, hidden, weight, target, bias, ignore_index, c
                   target.dtype, _shape_or_none(bias), _dtype_or_none(bias),
                   _shape_or_none(class_weight), _dtype_or_none(class_weight),
                   _shape_or_none(input_mask))
-    check_option_values(api, reduction, label_smoothing, lse_square_scale_for_zloss)
+    check_option_values(api, reduction, label_smoothing, 0.0)
+    check_zloss_scale(api, lse_square_scale_for_zloss)
     check_ignore_index(api, ignore_index)
     _check_transform(api, logit_softcap, logit_scale, reduction, return_per_token)
     n_rows, n_hidden = hidden.shape
