@@ -23,6 +23,8 @@
 //   and at the target, with A = a_n (1-eps) w[y], the difference p_y K_n - A taken without
 //   cancellation: -A (1 - p_y) + (K_n - A) p_y,  1 - p_y = -expm1(-((M_n - x[n, y]) + L_n)).
 //   g = dL/dz = dL/dx * (1 - (x / cap)^2)           (d tanh(t)/dt = 1 - tanh(t)^2)
+//   z[n, v] = s (sum_k h[n, k] W[v, k] + b[v]), so dz[n, v]/dh[n, k] = s W[v, k],
+//   dz[n, v]/dW[v, k] = s h[n, k], dz[n, v]/db[v] = s, and by the chain rule
 //   dL/dh = s g W,   dL/dW = s g^T h,   dL/db = s sum_n g[n, :]
 //
 // Loop order. The rows are processed in blocks [r0, r1) of R rows over the whole vocabulary, so
@@ -33,9 +35,9 @@
 //   dL/dW += s g^T h[r0:r1] (product 3, accumulated in float32 over the row blocks, see below);
 //   dL/db accumulated in float32.
 // Three products, as the unfused path (logits, d hidden, d weight), on oneDNN's kernels on every
-// core. The weight and its gradient are streamed once per row block, so R trades memory (the
-// [R, V] block, the only buffer that grows with the shape besides the float32 accumulator of
-// half types) against that traffic.
+// core. Each row block streams W twice (products 1 and 2) and reads and writes the [V, H]
+// accumulator of dL/dW once (product 3), so R trades memory (the [R, V] block) against that
+// traffic; the caller chooses R.
 //
 // dtypes: float32 products for float32 inputs; bfloat16 products (float32 accumulation) for
 // bfloat16 inputs, with g rounded to bfloat16 as the operand of products 2 and 3 (as the unfused
