@@ -308,8 +308,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, c
             stages can sum before dividing (the z part is sum_n z_n times sum r rho / sum r m, so
             that numerator / denominator is the "mean" loss). Only the numerator is differentiable.
         chunk_size: how many logits are alive at once, as rows of V logits: None chooses it.
-            CPU kernel: rows per block; automatically the block's buffers take 1/32 of the size of
-            the full float32 logits, between 1 MiB and 256 MiB, at least 16 rows. Chunked path:
+            CPU kernel: rows per block; automatically the block's buffers and the d hidden
+            output take 1/32 of the size of the full float32 logits (the block between 1 MiB and
+            256 MiB), at least 128 rows. Chunked path:
             ``chunk_size`` rows per chunk; automatically the chunk's float32 working set (logits
             and their gradient) is about 1/16 of the size of the full float32 logits, between
             64 MiB and 256 MiB, with at least 256 rows where 256 MiB allows, and the
