@@ -382,18 +382,21 @@ def test_automatic_layout_follows_the_budget():
 
 
 def test_cpu_kernel_row_block_follows_the_budget():
-    """The block's buffers fit ROW_BLOCK_FRACTION (1/32) of the float32 logits within
-    [1 MiB, 256 MiB], at least 16 rows; chunk_size is the rows per block."""
+    """The block's buffers and the d hidden output fit ROW_BLOCK_FRACTION (1/32) of the float32
+    logits, the block within [1 MiB, 256 MiB], at least 128 rows; chunk_size is the rows per
+    block."""
     assert (ROW_BLOCK_FRACTION, MIN_BLOCK_WORKSPACE, MAX_BLOCK_WORKSPACE, MIN_ROW_BLOCK) == (
-        1 / 32, 1 << 20, 256 << 20, 16)
-    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 8192 // 32
-    # bfloat16: + the bfloat16 copy of the logits gradient and a float32 [rows, H] d hidden block
-    assert row_block_layout("api", 8192, 1024, 32000, ms.bfloat16, None) == \
-        8192 * 32000 * 4 // 32 // (32000 * 6 + 1024 * 4)
+        1 / 32, 1 << 20, 256 << 20, 128)
+    # d hidden (32 MiB) takes the whole 1/32 (31.25 MiB): the minimum rows
+    assert row_block_layout("api", 8192, 1024, 32000, ms.float32, None) == 128
+    # bfloat16: + a float32 [rows, H] d hidden block
+    assert row_block_layout("api", 16384, 1024, 128256, ms.bfloat16, None) == \
+        (16384 * 128256 * 4 // 32 - 16384 * 1024 * 2) // (128256 * 4 + 1024 * 4)
     assert row_block_layout("api", 1 << 20, 1024, 256000, ms.float32, None) == \
         MAX_BLOCK_WORKSPACE // (256000 * 4)
     assert row_block_layout("api", 10, 8, 37, ms.float32, None) == 10
-    assert row_block_layout("api", 1 << 20, 8, 100, ms.float32, None) == (1 << 20) // 32
+    assert row_block_layout("api", 1 << 20, 2, 1000, ms.float32, None) == \
+        ((1 << 20) * 1000 * 4 // 32 - (1 << 20) * 2 * 4) // 4000
     assert row_block_layout("api", 4096, 8, 100, ms.float32, None) == MIN_BLOCK_WORKSPACE // 400
     assert row_block_layout("api", N, H, V, ms.float32, CHUNK) == CHUNK
     assert row_block_layout("api", N, H, V, ms.float32, 100) == N
