@@ -1094,3 +1094,28 @@ def test_cells_reach_the_emulated_vendor_call_in_graph_mode(emulated_calls, api,
     """As above in GRAPH mode, where each operator is looked up once while the graph is built."""
     ms.set_context(mode=ms.GRAPH_MODE)
     check_emulated_calls(emulated_calls, api, options, expected)
+
+
+class CellLossSum(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.loss = ms_xent.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+
+    def construct(self, x, target):
+        return self.loss(x, target).sum()
+
+
+def test_vendor_rows_give_nan_for_out_of_range_targets_in_graph_mode(emulated_calls):
+    """Target values are unknown when a graph compiles: on the vendor route (which must never see
+    an out-of-range target) such a row gets a NaN loss and a NaN gradient row, as on every
+    backend; the other rows are unaffected."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = ms.Tensor(np.random.default_rng(24).standard_normal((5, 3)).astype(np.float32))
+    target = ms.Tensor(np.array([0, 1, 7, -2, 0], np.int64))
+    with ms_xent.use_backend("ascend_emulated"):
+        loss = to_numpy(CellLossSum()(x, target))
+        grad = to_numpy(ms.grad(CellLossSum())(x, target))
+    assert emulated_calls, "the vendor route was not taken"
+    bad = np.array([False, False, True, True, False])
+    assert np.isnan(loss)
+    assert np.all(np.isnan(grad[bad])) and np.all(np.isfinite(grad[~bad]))
