@@ -1119,3 +1119,13 @@ def test_vendor_rows_give_nan_for_out_of_range_targets_in_graph_mode(emulated_ca
     bad = np.array([False, False, True, True, False])
     assert np.isnan(loss)
     assert np.all(np.isnan(grad[bad])) and np.all(np.isfinite(grad[~bad]))
+
+
+def test_selfcheck_ignore_index_case_passes_on_every_route(monkeypatch):
+    """The full self-check's "sum, ignore_index" case (not in --quick) gives its routes valid
+    targets (the default-ignored rows become ignore_index rows) and passes on every CPU route."""
+    from ms_xent import selfcheck  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(selfcheck, "CROSS_ENTROPY_OPTIONS", {
+        "sum, ignore_index": selfcheck.CROSS_ENTROPY_OPTIONS["sum, ignore_index"]})
+    rows = selfcheck.run(only="cross_entropy_loss")
+    assert len(rows) == 9 and {row["status"] for row in rows} == {"pass"}, rows
