@@ -55,11 +55,13 @@ def split_log_sum_exp(x, zeros_like, softmax, scatter):
     CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
     p = softmax(x) from MindSpore's fused kernel (exp(x - max) / sum: each p[c] to a few ulp),
-    rest = sum of p over every class but the first argmax = 1 - p_max, summed without the
-    1.0-sized term, log_sum = -log p_max = -log1p(-rest): full relative precision when the max
-    carries nearly all the mass, where log(sum) of a float32 sum holding 1.0 keeps only the
-    digits of rest above 2^-24. row_max is 0 when it is not finite: a row of -inf gives
-    (0, -inf); a row holding NaN gets log_sum NaN, as in the kernels."""
+    log_sum = -log p_max, from whichever of the two values of p_max is accurate: where the max
+    carries most of the mass (p_max >= 1/2), -log1p(-rest) with rest = sum of p over every class
+    but the first argmax = 1 - p_max, summed without the 1.0-sized term (log(sum) of a float32 sum
+    holding 1.0 would keep only the digits of rest above 2^-24); elsewhere -log(p_max) of the
+    argmax's own probability (1 - rest would cancel: on near-uniform rows of a large vocabulary
+    rest is 1 - 1/C). row_max is 0 when it is not finite: a row of -inf gives (0, -inf); a row
+    holding NaN gets log_sum NaN, as in the kernels."""
     row_max = ops.amax(x, 1)
     if x.shape[0] == 0:
         return row_max, row_max  # MindSpore's CPU Argmax refuses an empty batch
@@ -71,7 +73,8 @@ def split_log_sum_exp(x, zeros_like, softmax, scatter):
     p = softmax(softmax_input(x))
     top = ops.argmax(x, 1).reshape(-1, 1)
     rest = scatter(p, top, zeros_like(top).astype(F32)).sum(axis=1)
-    log_sum = -log1p(-rest)
+    p_max = ops.gather_elements(p, 1, top).reshape(-1)
+    log_sum = ops.select(p_max >= 0.5, -log1p(-rest), -ops.log(p_max))
     log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
     return row_max, ops.select(undefined, log_sum * float("nan"), log_sum)
 
