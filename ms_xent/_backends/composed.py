@@ -35,11 +35,14 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import (counted_rows, expm1, log1p, softmax_input, tanh,
-                                          total)
+from ms_xent._backends._mindspore import (check_first_order, counted_rows, executing_eagerly,
+                                          expm1, log1p, softmax_input, tanh, total)
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
+# Named in the error of a second-order gradient: the bprops below return gradients computed from
+# the saved shift as constants, so the gradient of a gradient would silently miss terms.
+SECOND_ORDER_API = "ms_xent (composed backend)"
 
 
 def _smoothed_probabilities(target, label_smoothing, n_classes):
@@ -235,11 +238,22 @@ class RowsCell(RowKernels):
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
 
 
+class EagerRowsCell(RowsCell):
+    """PyNative: :class:`RowsCell` whose bprop raises when it is itself differentiated (its
+    gradient treats the saved shift as a constant, so a gradient of the gradient would be silently
+    wrong). GRAPH mode refuses that at compile time already."""
+
+    def bprop(self, logits, target, weight, out, dout):
+        check_first_order(SECOND_ORDER_API)
+        return super().bprop(logits, target, weight, out, dout)
+
+
 @functools.lru_cache(maxsize=None)
-def _rows_cell(ignore_index, label_smoothing, weighted, soft):
-    """One :class:`RowsCell` per configuration (an lru_cache, not a dict: a graph cannot hold a
-    dict of Cells as a constant, and the wrapper is called as Python while compiling)."""
-    return RowsCell(ignore_index, label_smoothing, weighted, soft)
+def _rows_cell(ignore_index, label_smoothing, weighted, soft, eager):
+    """One :class:`RowsCell` (:class:`EagerRowsCell` in PyNative) per configuration (an
+    lru_cache, not a dict: a graph cannot hold a dict of Cells as a constant, and the wrapper is
+    called as Python while compiling)."""
+    return (EagerRowsCell if eager else RowsCell)(ignore_index, label_smoothing, weighted, soft)
 
 
 def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
@@ -264,7 +278,8 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
     z = mapped_logits(logits, logit_scale, logit_softcap)
-    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft),
+                           executing_eagerly())
     outputs = rows_cell(z, target, weight)
     rows = (outputs[0], outputs[1], outputs[2])
     if not return_argmax:
@@ -292,7 +307,8 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
         weight, mean_nonzero = mean_weight(weight, target, ignore_index)
     weighted = weight is not None
     z = mapped_logits(input, logit_scale, logit_softcap)
-    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft),
+                           executing_eagerly())
     rows, lse, shares, row_max, log_sum = rows_cell(
         z, target, weight if weighted else ops.ones((1,), F32))
     log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
