@@ -844,3 +844,47 @@ def test_second_order_and_jvp_of_the_cpu_kernels_raise_clearly(mode, loss):
             to_numpy(ms.grad(ms.grad(function))(ms.Tensor(x)))
         with pytest.raises(NotImplementedError, match=SECOND_ORDER):
             to_numpy(ms.jvp(function, ms.Tensor(x), ms.Tensor(np.ones_like(x)))[1])
+
+
+@pytest.mark.parametrize("api", ["cross_entropy_loss", "cross_entropy_rows"])
+def test_second_order_through_composed_rows_is_refused_or_right(mode, api):
+    """The composed rows' bprop treats the saved shift as a constant, so the gradient of a
+    gradient is refused: ms_xent's error in PyNative (it was silently wrong), MindSpore's compile
+    error in GRAPH mode. Composed BCE's bprop is a differentiable graph: its second order matches
+    PyTorch's."""
+    x, target = signed_weight_case()
+    target = ms.Tensor(np.maximum(target, 0))
+
+    def rows(a):
+        if api == "cross_entropy_loss":
+            return cross_entropy_loss(a, target, reduction="sum")[0]
+        return cross_entropy_rows(a, target)[0].sum()
+
+    def squared_gradient(a):
+        return (ms.grad(rows)(a) ** 2).sum()
+
+    with ms_xent.use_backend("composed"):
+        error = NotImplementedError if mode == "pynative" else RuntimeError
+        match = "second-order differentiation" if mode == "pynative" else None
+        with pytest.raises(error, match=match):
+            to_numpy(ms.grad(squared_gradient)(ms.Tensor(x)))
+
+
+def test_second_order_of_composed_bce_matches_torch(mode):
+    import torch
+    del mode
+    x = np.random.default_rng(5).standard_normal((4, 6)).astype(np.float32)
+    probabilities = np.full(x.shape, 0.3, np.float32)
+
+    def squared_gradient(a):
+        return (ms.grad(lambda b: binary_cross_entropy_with_logits(
+            b, ms.Tensor(probabilities)))(a) ** 2).sum()
+
+    with ms_xent.use_backend("composed"):
+        got = to_numpy(ms.grad(squared_gradient)(ms.Tensor(x)))
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        xt, torch.tensor(probabilities.astype(np.float64)))
+    (first,) = torch.autograd.grad(loss, xt, create_graph=True)
+    (want,) = torch.autograd.grad((first ** 2).sum(), xt)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-7)

@@ -35,11 +35,14 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xent._backends._mindspore import (counted_rows, expm1, log1p, softmax_input, tanh,
-                                          total)
+from ms_xent._backends._mindspore import (check_first_order, counted_rows, executing_eagerly,
+                                          expm1, log1p, softmax_input, tanh, total)
 from ms_xent._backends._reductions import loss_and_zloss, mean_weight, upstream_per_row
 
 F32 = ms.float32
+# Named in the error of a second-order gradient: the bprops below return gradients computed from
+# the saved shift as constants, so the gradient of a gradient would silently miss terms.
+SECOND_ORDER_API = "ms_xent (composed backend)"
 
 
 def _smoothed_probabilities(target, label_smoothing, n_classes):
@@ -55,11 +58,13 @@ def split_log_sum_exp(x, zeros_like, softmax, scatter):
     CPU kernels' split and without broadcasting an [N, 1] tensor over [N, C] (slow on CPU):
 
     p = softmax(x) from MindSpore's fused kernel (exp(x - max) / sum: each p[c] to a few ulp),
-    rest = sum of p over every class but the first argmax = 1 - p_max, summed without the
-    1.0-sized term, log_sum = -log p_max = -log1p(-rest): full relative precision when the max
-    carries nearly all the mass, where log(sum) of a float32 sum holding 1.0 keeps only the
-    digits of rest above 2^-24. row_max is 0 when it is not finite: a row of -inf gives
-    (0, -inf); a row holding NaN gets log_sum NaN, as in the kernels."""
+    log_sum = -log p_max, from whichever of the two values of p_max is accurate: where the max
+    carries most of the mass (p_max >= 1/2), -log1p(-rest) with rest = sum of p over every class
+    but the first argmax = 1 - p_max, summed without the 1.0-sized term (log(sum) of a float32 sum
+    holding 1.0 would keep only the digits of rest above 2^-24); elsewhere -log(p_max) of the
+    argmax's own probability (1 - rest would cancel: on near-uniform rows of a large vocabulary
+    rest is 1 - 1/C). row_max is 0 when it is not finite: a row of -inf gives (0, -inf); a row
+    holding NaN gets log_sum NaN, as in the kernels."""
     row_max = ops.amax(x, 1)
     if x.shape[0] == 0:
         return row_max, row_max  # MindSpore's CPU Argmax refuses an empty batch
@@ -71,7 +76,8 @@ def split_log_sum_exp(x, zeros_like, softmax, scatter):
     p = softmax(softmax_input(x))
     top = ops.argmax(x, 1).reshape(-1, 1)
     rest = scatter(p, top, zeros_like(top).astype(F32)).sum(axis=1)
-    log_sum = -log1p(-rest)
+    p_max = ops.gather_elements(p, 1, top).reshape(-1)
+    log_sum = ops.select(p_max >= 0.5, -log1p(-rest), -ops.log(p_max))
     log_sum = ops.select(minus_inf, ops.full_like(log_sum, float("-inf")), log_sum)
     return row_max, ops.select(undefined, log_sum * float("nan"), log_sum)
 
@@ -232,11 +238,22 @@ class RowsCell(RowKernels):
         return grad, grad_target.astype(target.dtype), self.zeros_like(weight)
 
 
+class EagerRowsCell(RowsCell):
+    """PyNative: :class:`RowsCell` whose bprop raises when it is itself differentiated (its
+    gradient treats the saved shift as a constant, so a gradient of the gradient would be silently
+    wrong). GRAPH mode refuses that at compile time already."""
+
+    def bprop(self, logits, target, weight, out, dout):
+        check_first_order(SECOND_ORDER_API)
+        return super().bprop(logits, target, weight, out, dout)
+
+
 @functools.lru_cache(maxsize=None)
-def _rows_cell(ignore_index, label_smoothing, weighted, soft):
-    """One :class:`RowsCell` per configuration (an lru_cache, not a dict: a graph cannot hold a
-    dict of Cells as a constant, and the wrapper is called as Python while compiling)."""
-    return RowsCell(ignore_index, label_smoothing, weighted, soft)
+def _rows_cell(ignore_index, label_smoothing, weighted, soft, eager):
+    """One :class:`RowsCell` (:class:`EagerRowsCell` in PyNative) per configuration (an
+    lru_cache, not a dict: a graph cannot hold a dict of Cells as a constant, and the wrapper is
+    called as Python while compiling)."""
+    return (EagerRowsCell if eager else RowsCell)(ignore_index, label_smoothing, weighted, soft)
 
 
 def mapped_logits(logits, logit_scale=1.0, logit_softcap=0.0):
@@ -261,7 +278,8 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
     weighted = weight is not None
     weight = weight.astype(F32) if weighted else ops.ones((1,), F32)
     z = mapped_logits(logits, logit_scale, logit_softcap)
-    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft),
+                           executing_eagerly())
     outputs = rows_cell(z, target, weight)
     rows = (outputs[0], outputs[1], outputs[2])
     if not return_argmax:
@@ -289,7 +307,8 @@ def cross_entropy_loss(input, target, weight=None, reduction="mean", ignore_inde
         weight, mean_nonzero = mean_weight(weight, target, ignore_index)
     weighted = weight is not None
     z = mapped_logits(input, logit_scale, logit_softcap)
-    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft))
+    rows_cell = _rows_cell(int(ignore_index), float(label_smoothing), weighted, bool(soft),
+                           executing_eagerly())
     rows, lse, shares, row_max, log_sum = rows_cell(
         z, target, weight if weighted else ops.ones((1,), F32))
     log_prob = ops.stop_gradient((z.astype(F32) - row_max.reshape(-1, 1)) - log_sum.reshape(-1, 1))
