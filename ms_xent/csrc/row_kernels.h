@@ -410,37 +410,6 @@ inline void WriteGradRow(const T *row, int64_t C, float shift_max, float shift_l
   }
 }
 
-// ---- the log-sum-exp split at the maximum (fused linear + cross-entropy) ----------------------
-// SumExpBelowMax(row, begin, end, max, &at_max): for the (finite) maximum `max` of the elements,
-// returns sum_{c: x[c] < max} exp(x[c] - max) and sets at_max to the number of elements equal to
-// max, so that lse - max = log1p((at_max - 1) + sum) keeps the relative precision of a small sum.
-template <typename T>
-inline float SumExpBelowMax(const T *row, int64_t begin, int64_t end, float max, float *at_max) {
-  const __m512 vmax = _mm512_set1_ps(max);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 count0 = _mm512_setzero_ps(), count1 = _mm512_setzero_ps();
-  auto add16 = [&](__m512 x, __mmask16 mask, __m512 &acc, __m512 &count) {
-    const __mmask16 equal = _mm512_mask_cmp_ps_mask(mask, x, vmax, _CMP_EQ_OQ);
-    count = _mm512_mask_add_ps(count, equal, count, one);
-    acc = _mm512_mask_add_ps(acc, mask & ~equal, acc, Exp16(_mm512_sub_ps(x, vmax)));
-  };
-  int64_t c = begin;
-  for (; c + 32 <= end; c += 32) {
-    PrefetchAhead32(row + c);
-    __m512 x0, x1;
-    Load32Unordered(row + c, x0, x1);
-    add16(x0, 0xFFFF, acc0, count0);
-    add16(x1, 0xFFFF, acc1, count1);
-  }
-  for (; c < end; c += 16) {
-    const __mmask16 mask = TailMask(end - c);
-    add16(Load16(row + c, mask), mask, acc0, count0);
-  }
-  *at_max = _mm512_reduce_add_ps(_mm512_add_ps(count0, count1));
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
 #else  // portable
 
 template <typename T, typename Map = IdentityMap>
@@ -494,20 +463,6 @@ inline void WriteGradRow(const T *row, int64_t C, float shift_max, float shift_l
     const float lw = weight ? l * weight[c] : l;
     out[c] = FromFloat<T>((FastExp((z - shift_max) - shift_log_sum) * k - lw) * map.Slope(z));
   }
-}
-
-template <typename T>
-inline float SumExpBelowMax(const T *row, int64_t begin, int64_t end, float max, float *at_max) {
-  float sum = 0.0f, count = 0.0f;
-#pragma omp simd reduction(+ : sum, count)
-  for (int64_t c = begin; c < end; ++c) {
-    const float x = ToFloat(row[c]);
-    const bool equal = x == max;
-    count += equal ? 1.0f : 0.0f;
-    sum += equal ? 0.0f : FastExp(x - max);
-  }
-  *at_max = count;
-  return sum;
 }
 
 #endif
