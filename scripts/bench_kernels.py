@@ -169,7 +169,7 @@ def main():
                 read_gbs, traffic_gbs = size / forward / 1e6, 2 * size / backward / 1e6
                 print(f"| {n_rows} x {n_classes} | {dtype} | {index} | {forward:.3g} "
                       f"({read_gbs:.1f}) | {backward:.3g} ({traffic_gbs:.1f}) | "
-                      f"{forward + backward:.3g} | {fraction:.2f} |", flush=True)
+                      f"{forward + backward:.3g} | {fraction:.2g} |", flush=True)
     print(f"\nload average: {os.getloadavg()[0]:.2f}")
 
 
