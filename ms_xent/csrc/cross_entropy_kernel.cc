@@ -177,10 +177,21 @@ template <typename T, typename Map>
 RowStats TwoPassRow(const T *row, int64_t C, const T *next_row, const Map &map) {
   RowStats stats{SplitSum{}, 0.0, 0.0, 0};
   const float max = BlockMax(row, 0, C, map);
-  float count;
-  const float rest = std::isfinite(max)
-                         ? SumExpAtMaxSplitPrefetching(row, 0, C, max, &count, next_row, map)
-                         : SumExpAtOwnMaxSplit(row, 0, C, max, &count, map);
+  if (!std::isfinite(max)) {
+    float count;
+    const float rest = SumExpAtOwnMaxSplit(row, 0, C, max, &count, map);
+    stats.sum.Raise(max, count, rest);
+    return stats;
+  }
+  // Summed block by block (block sums added in float32), as SingleReadRow does: fewer terms per
+  // float32 lane keep the rounding of a small rest (a confident row) at SingleReadRow's level.
+  float count = 0.0f, rest = 0.0f;
+  for (int64_t begin = 0; begin < C; begin += kBlock) {
+    const int64_t end = begin + kBlock < C ? begin + kBlock : C;
+    float block_count;
+    rest += SumExpAtMaxSplitPrefetching(row, begin, end, max, &block_count, next_row, map);
+    count += block_count;
+  }
   stats.sum.Raise(max, count, rest);
   return stats;
 }
