@@ -53,13 +53,26 @@ is recorded as such; a case that fails in one round is not retried in later roun
 (implementation, dtype) that fails on a tiny input in the initial probe is recorded as
 unsupported (dtype error) or failed for every shape.
 
-Memory bandwidth (printed in the header, used for the bound): numpy on 1 GiB float32 arrays (far
-larger than the caches), the array split into one part per core, each part processed by its own
-thread (numpy releases the GIL), best of 7 repetitions, measured before and after the run; the
-better of the two is used. Read: ``ndarray.sum`` (bytes = array size). Copy: ``np.copyto`` into a
-pre-touched array (bytes = read + written = 2x array size). ``--bandwidth READ,COPY`` uses given
-values instead. results.md warns when the machine was busy (load average at start above half the
-CPUs, or the two bandwidth measurements more than 25% apart).
+Memory bandwidth. The VMs this was written on swing widely (read samples from 8 to 57 GB/s within
+one run), so one figure for the whole run makes the fractions of the bound unreliable. Instead:
+
+* Survey, at the start (and again at the end, for the header): every way to stream memory from
+  Python that is at hand, on 1 GiB float32 buffers (far larger than the caches) split into one
+  part per usable core, each part in its own thread, best of 7: reads by numpy's OR-reduction of
+  64-bit words, max and sum (the sum is compute-limited: numpy's pairwise float32 sum), copies by
+  ``np.copyto`` into a pre-touched buffer (bytes = read + written = 2x the buffer); PyTorch's
+  multi-threaded sum and ``copy_`` as a cross-check when installed (not used for the bound: its
+  OpenMP threads keep spinning after a call and would steal the cores from the call timed right
+  after). The fastest numpy read and copy are the run's methods.
+* Pairs: every worker samples read and copy bandwidth with those methods on ``--probe-mib``
+  (256 MiB) buffers (better of 2 passes each, ~0.1 s) right before each timed call; each call's
+  fraction of the bound uses its own sample. The fraction reported is the median over all timed
+  calls of the case, with the range of the per-round medians as its spread; the buffers are
+  allocated before the peak-memory baseline, so they do not count as extra peak.
+
+``--bandwidth READ,COPY`` uses given values instead (no samples). results.md warns when the
+machine was busy (load average at start above half the CPUs, or the two surveys more than 25%
+apart).
 
 Memory-traffic bound for S = N * C * itemsize bytes of logits: the forward reads the logits once,
 the backward reads them once and writes the gradient once (a copy-like stream), so
@@ -68,7 +81,9 @@ the backward reads them once and writes the gradient once (a copy-like stream), 
     bound_fwd_bwd = S / read_bw + 2 S / copy_bw
 
 (4096 x 8080 float32 at 25 and 32 GB/s: 5.3 + 8.3 = 13.6 ms). Fraction of the bound =
-bound / measured median time (1.0 = at the machine's memory speed).
+bound / measured time (1.0 = at the machine's memory speed at that moment). results.md ends with
+a summary line per shape, dtype and mode of ms_xent (fraction of the bound, how many times
+slower MindFormers' loss and PyTorch are, extra peak), the lines README's tables are built from.
 
 Outputs, in ``--output-dir`` (default: a new ``~/.cache/ms_xent/bench/<timestamp>``, never the
 current directory): ``results.md`` (machine, bandwidth, tables), ``results.png`` (chart),
@@ -315,10 +330,13 @@ class Case:
             inputs += (ms.from_numpy(np.ones(len(target_np), np.float32)),)
         return inputs
 
-    def run_timed(self, function, inputs, warmup, repeats):
-        """(first call ms, [timed ms]); every result is freed before the next call."""
-        times = []
+    def run_timed(self, function, inputs, warmup, repeats, probe=None):
+        """(first call ms, [timed ms], [(read, copy) GB/s sampled right before each timed call]
+        (empty without a probe)); every result is freed before the next call."""
+        times, bandwidth = [], []
         for index in range(warmup + repeats):
+            if probe is not None and index >= warmup:
+                bandwidth.append(probe.sample())
             start = time.perf_counter()
             result = function(*inputs)
             self.sync()
@@ -326,7 +344,7 @@ class Case:
             if index == 0 and function is self.forward:
                 self.loss_value = result
             del result
-        return times[0], times[warmup:]
+        return times[0], times[warmup:], bandwidth
 
 
 def run_worker(spec_path):
@@ -344,6 +362,11 @@ def run_worker(spec_path):
         case.run_timed(case.forward, tiny, 0, 1)
         case.run_timed(case.forward_backward, tiny, 0, 1)
         del tiny
+        phase = "bandwidth probe"
+        probe = (BandwidthProbe(spec["probe"]["bytes"], spec["probe"]["read_method"],
+                                spec["probe"]["copy_method"]) if spec.get("probe") else None)
+        if probe is not None:
+            probe.sample(1)  # touches the buffers before the baseline
         phase = "inputs"
         n_rows, n_classes = spec["shape"]
         inputs = case.inputs(make_logits(n_rows, n_classes, spec["dtype"], spec["seed"]),
@@ -351,14 +374,16 @@ def run_worker(spec_path):
         _reset_peak_rss()
         baseline = _read_status_bytes()["VmRSS"]
         phase = "forward"
-        fwd_first, fwd_times = case.run_timed(case.forward, inputs, spec["warmup"], spec["repeats"])
+        fwd_first, fwd_times, fwd_bandwidth = case.run_timed(case.forward, inputs, spec["warmup"],
+                                                             spec["repeats"], probe)
         fwd_peak = _read_status_bytes()["VmHWM"]
         phase = "forward+backward"
-        both_first, both_times = case.run_timed(case.forward_backward, inputs, spec["warmup"],
-                                                spec["repeats"])
+        both_first, both_times, both_bandwidth = case.run_timed(
+            case.forward_backward, inputs, spec["warmup"], spec["repeats"], probe)
         peak = _read_status_bytes()["VmHWM"]
         result = {"status": "ok", "fwd_ms": fwd_times, "fwd_bwd_ms": both_times,
                   "fwd_first_ms": fwd_first, "fwd_bwd_first_ms": both_first,
+                  "fwd_bandwidth": fwd_bandwidth, "fwd_bwd_bandwidth": both_bandwidth,
                   "baseline_bytes": baseline, "fwd_extra_peak_bytes": fwd_peak - baseline,
                   "extra_peak_bytes": peak - baseline, "loss": case.loss_value}
     except Exception as error:  # pylint: disable=broad-except
@@ -450,27 +475,100 @@ def _parallel_seconds(operation, arrays, threads):
     return time.perf_counter() - start
 
 
+# Ways to stream through memory from Python, each run on one part of the array per core in its own
+# thread (numpy releases the GIL). The sum is compute-limited on this kind of VM (numpy's
+# pairwise float32 sum: ~10 GB/s per core); an OR-reduction of 64-bit words or a max is a plain
+# SIMD stream. The fastest method of each kind at the start of the run is the one used for the
+# bound, in the parent and in every worker.
+READ_METHODS = {
+    "numpy bitwise_or.reduce (uint64)": lambda part: np.bitwise_or.reduce(part.view(np.uint64)),
+    "numpy max": np.max,
+    "numpy sum": np.sum,
+}
+COPY_METHODS = {"numpy copyto": np.copyto}
+
+
+def _torch_seconds(torch, operation):
+    start = time.perf_counter()
+    operation()
+    return time.perf_counter() - start
+
+
+def _torch_candidates(source, target, threads):
+    """PyTorch's multi-threaded sum and copy on the same buffers, as a cross-check of numpy's
+    methods (reported, not used for the bound: PyTorch's OpenMP threads keep spinning after a
+    call, which would steal the cores from the call timed right after a sample)."""
+    try:
+        import torch
+    except ImportError:
+        return {}, {}
+    torch.set_num_threads(threads)
+    torch_source, torch_target = torch.from_numpy(source), torch.from_numpy(target)
+    read = {"torch sum": lambda: _torch_seconds(torch, torch_source.sum)}
+    copy = {"torch copy_": lambda: _torch_seconds(torch, lambda: torch_target.copy_(torch_source))}
+    return read, copy
+
+
+class BandwidthProbe:
+    """Read and copy bandwidth in GB/s (1e9 B/s) over all usable cores, on float32 buffers far
+    larger than the caches. ``sample()`` is the quick measurement taken right before each timed
+    call; ``survey()`` tries every method and picks the fastest."""
+
+    def __init__(self, size_bytes, read_method=None, copy_method=None):
+        self.size_bytes = size_bytes
+        self.threads = len(os.sched_getaffinity(0))
+        self.source = np.ones(size_bytes // 4, np.float32)
+        self.target = np.zeros_like(self.source)
+        self.read_method = read_method or next(iter(READ_METHODS))
+        self.copy_method = copy_method or next(iter(COPY_METHODS))
+
+    def _read_seconds(self, method):
+        return _parallel_seconds(READ_METHODS[method], [self.source], self.threads)
+
+    def _copy_seconds(self, method):
+        return _parallel_seconds(COPY_METHODS[method], [self.target, self.source], self.threads)
+
+    def sample(self, repeats=2):
+        """(read GB/s, copy GB/s), the better of ``repeats`` passes each (copy bytes = read +
+        written = 2x the buffer)."""
+        read = min(self._read_seconds(self.read_method) for _ in range(repeats))
+        copy = min(self._copy_seconds(self.copy_method) for _ in range(repeats))
+        return self.size_bytes / read / 1e9, 2 * self.size_bytes / copy / 1e9
+
+    def survey(self, repeats=7):
+        """Best GB/s of every method; selects the fastest numpy read and copy for ``sample``."""
+        read = {name: lambda name=name: self._read_seconds(name) for name in READ_METHODS}
+        copy = {name: lambda name=name: self._copy_seconds(name) for name in COPY_METHODS}
+        torch_read, torch_copy = _torch_candidates(self.source, self.target, self.threads)
+        read_gbs = {name: self.size_bytes / min(run() for _ in range(repeats)) / 1e9
+                    for name, run in {**read, **torch_read}.items()}
+        copy_gbs = {name: 2 * self.size_bytes / min(run() for _ in range(repeats)) / 1e9
+                    for name, run in {**copy, **torch_copy}.items()}
+        self.read_method = max(READ_METHODS, key=read_gbs.get)
+        self.copy_method = max(COPY_METHODS, key=copy_gbs.get)
+        return {"read_gbs": read_gbs[self.read_method], "copy_gbs": copy_gbs[self.copy_method],
+                "read_method": self.read_method, "copy_method": self.copy_method,
+                "read_methods_gbs": read_gbs, "copy_methods_gbs": copy_gbs,
+                "threads": self.threads, "array_gib": self.size_bytes / GIB, "repeats": repeats}
+
+
 def measure_bandwidth(size_bytes, repeats=7):
-    """Best read and copy bandwidth in GB/s (1e9 B/s) over all cores; see the module docstring."""
-    threads = len(os.sched_getaffinity(0))
-    source = np.ones(size_bytes // 4, np.float32)
-    target = np.zeros_like(source)
-    read = [_parallel_seconds(np.sum, [source], threads) for _ in range(repeats)]
-    copy = [_parallel_seconds(np.copyto, [target, source], threads) for _ in range(repeats)]
-    del source, target
-    return {"read_gbs": size_bytes / min(read) / 1e9, "copy_gbs": 2 * size_bytes / min(copy) / 1e9,
-            "read_median_gbs": size_bytes / statistics.median(read) / 1e9,
-            "copy_median_gbs": 2 * size_bytes / statistics.median(copy) / 1e9,
-            "threads": threads, "array_gib": size_bytes / GIB, "repeats": repeats}
+    """Best read and copy bandwidth over the methods of ``BandwidthProbe.survey``."""
+    return BandwidthProbe(size_bytes).survey(repeats)
 
 
 def combine_bandwidth(start, end):
-    """The better of the measurements before and after the run (less disturbed by other load)."""
+    """The better of the surveys before and after the run (the fallback bound when a worker
+    recorded no paired samples) and a description of the method."""
     read, copy = max(start["read_gbs"], end["read_gbs"]), max(start["copy_gbs"], end["copy_gbs"])
-    method = (f"numpy sum / copyto on {start['array_gib']:.1f} GiB float32, {start['threads']} "
-              f"threads over equal parts, best of {start['repeats']} before and after the run; "
-              f"before {start['read_gbs']:.1f} / {start['copy_gbs']:.1f}, after "
-              f"{end['read_gbs']:.1f} / {end['copy_gbs']:.1f} GB/s")
+    others = ", ".join(f"{name} {value:.1f}" for name, value in
+                       {**start["read_methods_gbs"], **start["copy_methods_gbs"]}.items())
+    method = (f"{start['read_method']} (read) and {start['copy_method']} (copy) on "
+              f"{start['array_gib']:.2f} GiB float32, {start['threads']} threads over equal "
+              f"parts: the fastest at the start of the run (GB/s then: {others}); one sample "
+              f"(better of 2 passes) right before every timed call gives that call's bound; "
+              f"survey before / after the run: {start['read_gbs']:.1f} / {start['copy_gbs']:.1f},"
+              f" {end['read_gbs']:.1f} / {end['copy_gbs']:.1f} GB/s")
     unstable = any(abs(start[key] - end[key]) > 0.25 * max(start[key], end[key])
                    for key in ("read_gbs", "copy_gbs"))
     return {"read_gbs": read, "copy_gbs": copy, "method": method, "unstable": unstable}
@@ -483,18 +581,19 @@ def bound_ms(n_rows, n_classes, dtype, bandwidth):
     return forward * 1e3, (forward + 2 * size / (bandwidth["copy_gbs"] * 1e9)) * 1e3
 
 
-def predicted_footprint_bytes(impl, n_rows, n_classes, dtype):
+def predicted_footprint_bytes(impl, n_rows, n_classes, dtype, probe_bytes):
     elements = n_rows * n_classes
     inputs = elements * ITEMSIZE[dtype]
     extra = impl.fp32_factor * elements * 4 + impl.native_factor * inputs
-    return RUNTIME_OVERHEAD_BYTES + inputs + extra
+    return RUNTIME_OVERHEAD_BYTES + 2 * probe_bytes + inputs + extra
 
 
 class Runner:
     """Launches and guards the worker subprocesses."""
 
-    def __init__(self, args, output_dir):
+    def __init__(self, args, output_dir, probe):
         self.args = args
+        self.probe = probe  # bytes and methods of the workers' BandwidthProbe, or None
         self.work_dir = output_dir / "work"
         self.log_dir = output_dir / "logs"
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +610,8 @@ class Runner:
         result_path.unlink(missing_ok=True)
         spec_path.write_text(json.dumps({
             "impl": impl.name, "shape": list(shape), "dtype": dtype, "seed": self.args.seed,
-            "repeats": repeats, "warmup": warmup, "result_path": str(result_path)}),
+            "repeats": repeats, "warmup": warmup, "result_path": str(result_path),
+            "probe": self.probe}),
             encoding="utf-8")
         available = meminfo_bytes("MemAvailable")
         cap = available - self.args.mem_reserve_gb * GIB
@@ -578,10 +678,14 @@ class CaseResult:
     extra_peak_bytes: list = dataclasses.field(default_factory=list)
     fwd_extra_peak_bytes: list = dataclasses.field(default_factory=list)
     loss: list = dataclasses.field(default_factory=list)
+    # Per round: each timed call's fraction of the bound at the bandwidth sampled right before it
+    # (at the run's bandwidth when the worker took no samples).
+    fwd_fraction: list = dataclasses.field(default_factory=list)
+    fwd_bwd_fraction: list = dataclasses.field(default_factory=list)
     reference_loss: float = None
     logs: list = dataclasses.field(default_factory=list)
 
-    def add(self, record):
+    def add(self, record, bandwidth):
         self.logs.append(record.get("log"))
         if record["status"] != "ok":
             self.status, self.message = record["status"], record.get("message", "")
@@ -589,6 +693,14 @@ class CaseResult:
         self.status = "ok"
         for key in ("fwd_ms", "fwd_bwd_ms"):
             getattr(self, key).extend(record[key])
+        for key, which in (("fwd", 0), ("fwd_bwd", 1)):
+            samples = record[f"{key}_bandwidth"] or [None] * len(record[f"{key}_ms"])
+            fractions = []
+            for time_ms, sample in zip(record[f"{key}_ms"], samples):
+                pair = bandwidth if sample is None else {"read_gbs": sample[0],
+                                                         "copy_gbs": sample[1]}
+                fractions.append(bound_ms(*self.shape, self.dtype, pair)[which] / time_ms)
+            getattr(self, f"{key}_fraction").append(fractions)
         for key in ("fwd_first_ms", "fwd_bwd_first_ms", "extra_peak_bytes",
                     "fwd_extra_peak_bytes", "loss"):
             getattr(self, key).append(record[key])
@@ -596,6 +708,15 @@ class CaseResult:
     def median(self, key):
         values = getattr(self, key)
         return statistics.median(values) if self.status == "ok" and values else None
+
+    def fraction(self, key):
+        """(median over all timed calls, (lowest, highest) median of a round)."""
+        rounds = getattr(self, f"{key}_fraction")
+        if self.status != "ok" or not rounds:
+            return None, None
+        medians = [statistics.median(values) for values in rounds]
+        overall = statistics.median(value for values in rounds for value in values)
+        return overall, (min(medians), max(medians))
 
     def peak(self):
         return max(self.extra_peak_bytes) if self.status == "ok" else None
@@ -649,7 +770,11 @@ def parse_args(argv):
     parser.add_argument("--bandwidth", default=None, metavar="READ,COPY",
                         help="use these GB/s instead of measuring them (e.g. 25,32)")
     parser.add_argument("--bandwidth-array-gib", type=float, default=1.0,
-                        help="array size for the bandwidth measurement (default: 1)")
+                        help="array size of the bandwidth survey at the start and the end "
+                             "(default: 1)")
+    parser.add_argument("--probe-mib", type=float, default=256,
+                        help="array size of the bandwidth sample taken before every timed call "
+                             "(default: 256, far above the last-level cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="default: ~/.cache/ms_xent/bench/<timestamp>")
@@ -692,7 +817,7 @@ def run_benchmark(args, runner, bandwidth, progress):
             if probe["status"] != "ok":
                 progress.write(f"{impl.name} {dtype}: {probe['status']}: {probe.get('message')}")
                 for shape in args.shapes:
-                    cases[impl.name, shape, dtype].add(probe)
+                    cases[impl.name, shape, dtype].add(probe, bandwidth)
 
     rounds = math.ceil(args.repeats / args.reps_per_process)
     for shape in args.shapes:
@@ -708,13 +833,15 @@ def run_benchmark(args, runner, bandwidth, progress):
                     progress.set_postfix_str(f"{shape[0]}x{shape[1]} {dtype} {impl.name} "
                                              f"round {round_index + 1}/{rounds}")
                     if case.status in ("pending", "ok"):
-                        _run_round(args, runner, case, impl, repeats, round_index, progress)
+                        _run_round(args, runner, bandwidth, case, impl, repeats, round_index,
+                                   progress)
                     progress.update(1)
     return list(cases.values())
 
 
-def _run_round(args, runner, case, impl, repeats, round_index, progress):
-    footprint = predicted_footprint_bytes(impl, *case.shape, case.dtype)
+def _run_round(args, runner, bandwidth, case, impl, repeats, round_index, progress):
+    probe_bytes = runner.probe["bytes"] if runner.probe else 0
+    footprint = predicted_footprint_bytes(impl, *case.shape, case.dtype, probe_bytes)
     available = meminfo_bytes("MemAvailable") - args.mem_reserve_gb * GIB
     if footprint > available and not args.force:
         case.add({"status": "skipped",
@@ -723,7 +850,7 @@ def _run_round(args, runner, case, impl, repeats, round_index, progress):
         progress.write(f"{impl.name} {case.shape} {case.dtype}: {case.message}")
         return
     record = runner.run(impl, case.shape, case.dtype, repeats, args.warmup, f"r{round_index}")
-    case.add(record)
+    case.add(record, bandwidth)
     if record["status"] != "ok":
         progress.write(f"{impl.name} {case.shape} {case.dtype}: {record['status']}: "
                        f"{record.get('message', '')[:300]}")
@@ -739,6 +866,43 @@ def _fmt(value, digits=1):
 
 def _fraction(value):
     return "<0.01" if value < 0.01 else f"{value:.2f}"
+
+
+def _fraction_with_spread(result, key):
+    overall, (low, high) = result.fraction(key)
+    return f"{_fraction(overall)} [{_fraction(low)}-{_fraction(high)}]"
+
+
+def summary_lines(results):
+    """One line per shape, dtype and mode of ms_xent's rows path: fwd+bwd time, fraction of the
+    bound, extra peak, and the time of MindFormers' loss (same mode) and PyTorch over it."""
+    lookup = {(r.impl, _case_key(r)): r for r in results}
+    lines = []
+    for shape, dtype in dict.fromkeys(_case_key(r) for r in results):
+        for mode in ("graph", "pynative"):
+            ours = lookup.get((f"ms_xent_{mode}", (shape, dtype)))
+            if ours is None:
+                continue
+            head = f"- {shape[0]} x {shape[1]} {dtype} {mode.upper()}:"
+            both = ours.median("fwd_bwd_ms")
+            if both is None:
+                lines.append(f"{head} {ours.status}")
+                continue
+            size = shape[0] * shape[1] * ITEMSIZE[dtype]
+            parts = [f"fwd+bwd {both:,.1f} ms, {_fraction_with_spread(ours, 'fwd_bwd')} of the "
+                     f"bound, extra peak {ours.peak() / size:.2f}x the logits"]
+            graph = lookup.get(("ms_xent_graph", (shape, dtype)))
+            if mode == "pynative" and graph and graph.median("fwd_bwd_ms"):
+                parts.append(f"{both / graph.median('fwd_bwd_ms'):.2f}x GRAPH")
+            for name, label in ((f"mindformers_{mode}", "MindFormers"), ("torch", "PyTorch")):
+                other = lookup.get((name, (shape, dtype)))
+                if other is None:
+                    continue
+                other_time = other.median("fwd_bwd_ms")
+                parts.append(f"{label} takes {other_time / both:.1f}x as long" if other_time
+                             else f"{label} {other.status}")
+            lines.append(f"{head} {'; '.join(parts)}")
+    return lines
 
 
 def _case_key(result):
@@ -771,7 +935,9 @@ def write_markdown(path, args, machine, bandwidth, results):
               f"- Memory bandwidth ({bandwidth['method']}): read {bandwidth['read_gbs']:.1f} GB/s, "
               f"copy {bandwidth['copy_gbs']:.1f} GB/s (read + write bytes)", "",
               "Memory-traffic bound, S = N * C * itemsize: forward S / read; forward+backward "
-              "S / read + 2 S / copy. Fraction = bound / measured median. "
+              "S / read + 2 S / copy. Fraction of the bound: for each timed call, its bound at "
+              "the bandwidth sampled right before it divided by its time; the median over all "
+              "timed calls, with the range of the rounds' medians in brackets. "
               f"Times: median of {args.repeats} timed calls after {args.warmup} warm-up call(s) "
               f"per subprocess, interleaved over {math.ceil(args.repeats / args.reps_per_process)} "
               "round(s). Extra peak = peak RSS over the inputs' baseline (max over rounds), in MiB "
@@ -786,14 +952,13 @@ def write_markdown(path, args, machine, bandwidth, results):
         by_case.setdefault(_case_key(result), {})[result.impl] = result
     for (shape, dtype), row in by_case.items():
         size = shape[0] * shape[1] * ITEMSIZE[dtype]
-        bound_fwd, bound_both = bound_ms(*shape, dtype, bandwidth)
         reference = row.get(REFERENCE_IMPL)
         reference_time = reference.median("fwd_bwd_ms") if reference else None
         for name in impls:
             result = row[name]
             fwd, both, peak = result.median("fwd_ms"), result.median("fwd_bwd_ms"), result.peak()
-            fraction = (f"{_fraction(bound_fwd / fwd)} / {_fraction(bound_both / both)}"
-                        if fwd and both else "—")
+            fraction = (f"{_fraction(result.fraction('fwd')[0])} / "
+                        f"{_fraction_with_spread(result, 'fwd_bwd')}" if fwd and both else "—")
             memory = (f"{peak / MIB:,.{0 if peak >= 10 * MIB else 1}f} ({peak / size:.2f}x)"
                       if peak is not None else "—")
             ratio = _fmt(both / reference_time, 2) if both and reference_time else "—"
@@ -804,7 +969,8 @@ def write_markdown(path, args, machine, bandwidth, results):
             lines.append(f"| {shape[0]} x {shape[1]} | {dtype} | {name} | {_fmt(fwd)} | "
                          f"{_fmt(both)} | {fraction} | {memory} | {ratio} | "
                          f"{'—' if error is None else f'{error:.1e}'} | {status} |")
-    lines += ["", "## Bounds", "",
+    lines += ["", "## Summary", "", *summary_lines(results)]
+    lines += ["", "## Bounds at the run's bandwidth survey", "",
               "| N x C | dtype | logits MiB | fwd bound ms | fwd+bwd bound ms |",
               "| --- | --- | ---: | ---: | ---: |"]
     for shape, dtype in by_case:
@@ -831,8 +997,7 @@ def write_chart(path, args, bandwidth, results):
               ("extra peak memory (MiB, log)", lambda r, c: r.peak() / MIB if r.peak() else None,
                True),
               ("fraction of the memory-traffic bound, fwd+bwd (log; 1 = memory speed)",
-               lambda r, c: (bound_ms(*c[0], c[1], bandwidth)[1] / r.median("fwd_bwd_ms")
-                             if r.median("fwd_bwd_ms") else None), True)]
+               lambda r, c: r.fraction("fwd_bwd")[0], True)]
     figure_width = min(22, max(10, 0.35 * len(cases) * len(impls)))
     figure, axes = plt.subplots(len(panels), 1, figsize=(figure_width, 13), squeeze=False)
     width = 0.8 / len(impls)
@@ -889,11 +1054,14 @@ def main(argv=None):
         bandwidth = {"read_gbs": read, "copy_gbs": copy, "method": "given with --bandwidth"}
     else:
         print("measuring memory bandwidth ...", file=sys.stderr)
-        bandwidth = {"start": measure_bandwidth(int(args.bandwidth_array_gib * GIB))}
-        print(f"read {bandwidth['start']['read_gbs']:.1f} GB/s, copy "
-              f"{bandwidth['start']['copy_gbs']:.1f} GB/s (measured again at the end)",
-              file=sys.stderr)
-    runner = Runner(args, output_dir)
+        start = measure_bandwidth(int(args.bandwidth_array_gib * GIB))
+        bandwidth = {"start": start, "read_gbs": start["read_gbs"], "copy_gbs": start["copy_gbs"]}
+        probe = {"bytes": int(args.probe_mib * MIB), "read_method": start["read_method"],
+                 "copy_method": start["copy_method"]}
+        print(f"read {start['read_gbs']:.1f} GB/s ({start['read_method']}), copy "
+              f"{start['copy_gbs']:.1f} GB/s ({start['copy_method']}); sampled again before "
+              f"every timed call", file=sys.stderr)
+    runner = Runner(args, output_dir, None if args.bandwidth else probe)
     rounds = math.ceil(args.repeats / args.reps_per_process)
     total = len(args.dtypes) * len(args.impls) * (1 + len(args.shapes) * rounds)
     with tqdm(total=total, unit="run", desc="bench", dynamic_ncols=True) as progress:

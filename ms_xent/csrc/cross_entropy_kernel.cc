@@ -159,6 +159,51 @@ RowStats SingleReadRow(const T *row, int64_t C, const Map &map) {
   return stats;
 }
 
+// Rows of up to this many classes are summed in two passes (TwoPassRow), longer ones read once,
+// block by block (SingleReadRow). The two-pass exp loop also counts the elements at the max
+// (a compare and a masked add per 16 elements more than SingleReadRow's usual pass), which pays
+// off while SingleReadRow's repeated blocks are a large share of the row: single-threaded forward
+// over L3-resident logits, two-pass against single-read, C = 8080: -14% (bfloat16) and -22%
+// (float32); C = 16384: +1% and -5%; C = 32000: +4% and -9%; C = 65536: +21% and +24%.
+constexpr int64_t kTwoPassMaxClasses = 4 * kBlock;
+
+// The split log-sum-exp of a row in two passes: its max, streamed from memory (a light loop that
+// keeps up with memory), then the sum at that max (SumExpAtOwnMaxSplit) read back from L1/L2 while
+// the same elements of next_row (optional) are prefetched into L2, so the exp pass, the heavy
+// one, overlaps the next row's memory traffic. Exactly one exp per element, where SingleReadRow
+// sums a block again each time it raises the running max (about ln(C / 2048) times a row for
+// random logits: 27% more exps at C = 8080).
+template <typename T, typename Map>
+RowStats TwoPassRow(const T *row, int64_t C, const T *next_row, const Map &map) {
+  RowStats stats{SplitSum{}, 0.0, 0.0, 0};
+  const float max = BlockMax(row, 0, C, map);
+  if (!std::isfinite(max)) {
+    float count;
+    const float rest = SumExpAtOwnMaxSplit(row, 0, C, max, &count, map);
+    stats.sum.Raise(max, count, rest);
+    return stats;
+  }
+  // Summed block by block (block sums added in float32), as SingleReadRow does: fewer terms per
+  // float32 lane keep the rounding of a small rest (a confident row) at SingleReadRow's level.
+  float count = 0.0f, rest = 0.0f;
+  for (int64_t begin = 0; begin < C; begin += kBlock) {
+    const int64_t end = begin + kBlock < C ? begin + kBlock : C;
+    float block_count;
+    rest += SumExpAtMaxSplitPrefetching(row, begin, end, max, &block_count, next_row, map);
+    count += block_count;
+  }
+  stats.sum.Raise(max, count, rest);
+  return stats;
+}
+
+// The split log-sum-exp of row n of x[N, C], by whichever of the two methods above suits C.
+template <typename T, typename Map>
+RowStats RowLogSumExp(const T *x, int64_t n, int64_t N, int64_t C, const Map &map) {
+  const T *row = x + n * C;
+  if (C > kTwoPassMaxClasses) return SingleReadRow(row, C, map);
+  return TwoPassRow(row, C, n + 1 < N ? row + C : nullptr, map);
+}
+
 // Optional third kind of forward output after the per-row values.
 enum class ForwardExtra { kNone, kLogProb, kArgmax };
 
@@ -222,7 +267,7 @@ int HardForward(const CrossEntropyAttrs &attrs, const Map &map, int64_t N, int64
     const bool counted = !ignored && IsValidTarget(y, C);
     const bool smoothing = eps > 0.0f && counted;
     const RowStats stats = smoothing ? StreamRow<T, kWeighted, false>(row, C, weight, nullptr, 0.0f, smooth, map)
-                                     : SingleReadRow(row, C, map);
+                                     : RowLogSumExp(x, n, N, C, map);
     WriteRowState(out, n, row, C, stats, map);
     if (!counted) {
       out.loss_rows[n] = 0.0f;

@@ -367,7 +367,7 @@ class LinearCrossEntropy {
       return {all_minus_inf ? 0.0f : max, std::log(SumExpAtOwnMax(row, 0, V_, max))};
     }
     float at_max = 0.0f;
-    const float below = SumExpBelowMax(row, 0, V_, max, &at_max);
+    const float below = SumExpAtMaxSplit(row, 0, V_, max, &at_max);
     return {max, std::log1p((at_max - 1.0f) + below)};
   }
 

@@ -12,6 +12,9 @@
 //                                              elements below it; the elements equal to it are
 //                                              counted (exactly) in count instead, so no float32
 //                                              lane holds a 1.0 that would swallow small addends
+//   SumExpAtMaxSplitPrefetching(..., next, map)
+//                                            = SumExpAtMaxSplit, prefetching the same elements of
+//                                              another row into L2 (AVX-512 builds)
 //   SumExpAtMax(...)                         = count + SumExpAtMaxSplit(...)
 //   WriteGradRow(row, C, m, L, k, l, w, out): out[c] = (exp((z[c] - m) - L) * k - l * w[c])
 //                                              * dz/dx[c]   (w[c] = 1 when w is null)
@@ -58,11 +61,21 @@ inline void PrefetchAhead32(const T *p) {
   if (sizeof(T) == 4) _mm_prefetch(ahead + 64, _MM_HINT_T0);
 }
 
+// Which polynomial P of vec_math.h an exp uses, by what its result feeds.
+enum class ExpUse {
+  kFloat,      // float32 results: kExpP*, degree 4
+  kHalfInput,  // sums over float16 / bfloat16 inputs: kExpHalfInputP*, degree 3
+  kHalfOutput  // results rounded to float16 / bfloat16 next (the backward's gradient in those
+               // dtypes): kExpHalfP*, degree 2
+};
+
+// The ExpUse of sums of exp over elements of type T.
+template <typename T>
+constexpr ExpUse kSumExpUse = sizeof(T) == 2 ? ExpUse::kHalfInput : ExpUse::kFloat;
+
 // kClampAbove = false skips the upper clamp: only for callers that discard the result whenever an
 // input exceeds 200 (then +inf, or for inputs beyond ~2^23 any non-finite value, comes out).
-// kForHalfOutput: for results that are rounded to float16 / bfloat16 next (the backward's gradient
-// in those dtypes), the degree-2 P of vec_math.h (kExpHalfP*): two FMAs less.
-template <bool kClampAbove = true, bool kForHalfOutput = false>
+template <bool kClampAbove = true, ExpUse kUse = ExpUse::kFloat>
 inline __m512 Exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
   if (kClampAbove) x = _mm512_min_ps(_mm512_set1_ps(200.0f), x);
@@ -71,10 +84,15 @@ inline __m512 Exp16(__m512 x) {
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 p;
-  if (kForHalfOutput) {
+  if (kUse == ExpUse::kHalfOutput) {
     p = _mm512_set1_ps(kExpHalfP2);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfP1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfP0));
+  } else if (kUse == ExpUse::kHalfInput) {
+    p = _mm512_set1_ps(kExpHalfInputP3);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfInputP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfInputP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpHalfInputP0));
   } else {
     p = _mm512_set1_ps(kExpP4);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
@@ -85,6 +103,13 @@ inline __m512 Exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, k);
+}
+
+// Prefetches into L2 the cache line(s) of the 32 elements at p.
+template <typename T>
+inline void PrefetchToL2_32(const T *p) {
+  _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T1);
+  if (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char *>(p) + 64, _MM_HINT_T1);
 }
 
 // 16 elements (or the first popcount(mask) of them) widened to float32; masked-off lanes are 0.
@@ -274,9 +299,11 @@ enum class SumExpMode {
                 // *aux_out instead of adding a 1.0 to a float32 lane
 };
 
+// prefetch_row (optional): the elements [begin, end) of another row are prefetched into L2 (one
+// cache line per 64 bytes read), e.g. the next row while this one is summed from L2.
 template <SumExpMode kMode, typename T, typename Map>
 inline float SumExpImpl(const T *row, int64_t begin, int64_t end, float shift, float *aux_out,
-                        const Map &map) {
+                        const Map &map, const T *prefetch_row = nullptr) {
   const __m512 vshift = _mm512_set1_ps(shift);
   const __m512 one = _mm512_set1_ps(1.0f);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -287,7 +314,7 @@ inline float SumExpImpl(const T *row, int64_t begin, int64_t end, float shift, f
     const __m512 z = map(x);
     // kWithMax: a sum with any z > shift is discarded by the caller (FoldBlockSingleRead), so the
     // upper clamp is not needed.
-    const __m512 e = Exp16<kMode != SumExpMode::kWithMax>(_mm512_sub_ps(z, vshift));
+    const __m512 e = Exp16<kMode != SumExpMode::kWithMax, kSumExpUse<T>>(_mm512_sub_ps(z, vshift));
     if (kMode == SumExpMode::kCountShift) {
       const __mmask16 at_shift = _mm512_mask_cmp_ps_mask(mask, z, vshift, _CMP_EQ_OQ);
       aux = _mm512_mask_add_ps(aux, at_shift, aux, one);
@@ -299,6 +326,7 @@ inline float SumExpImpl(const T *row, int64_t begin, int64_t end, float shift, f
   int64_t c = begin;
   for (; c + 32 <= end; c += 32) {
     PrefetchAhead32(row + c);
+    if (prefetch_row) PrefetchToL2_32(prefetch_row + c);
     __m512 x0, x1;
     Load32Unordered(row + c, x0, x1);
     add16(x0, 0xFFFF, acc0, aux0);
@@ -330,6 +358,12 @@ inline float SumExpAtMaxSplit(const T *row, int64_t begin, int64_t end, float ma
   return SumExpImpl<SumExpMode::kCountShift>(row, begin, end, max, count, map);
 }
 
+template <typename T, typename Map>
+inline float SumExpAtMaxSplitPrefetching(const T *row, int64_t begin, int64_t end, float max,
+                                         float *count, const T *prefetch_row, const Map &map) {
+  return SumExpImpl<SumExpMode::kCountShift>(row, begin, end, max, count, map, prefetch_row);
+}
+
 // Elements of out before its first 64-byte-aligned one (C if an element never is: a buffer not
 // aligned to its element size).
 template <typename T>
@@ -352,7 +386,8 @@ inline void WriteGradRowImpl(const T *row, int64_t C, float shift_max, float shi
   constexpr bool kHalf = !std::is_same_v<T, float>;
   auto grad_of = [&](__m512 x, __m512 lw) {
     const __m512 z = map(x);
-    const __m512 p = Exp16<true, kHalf>(_mm512_sub_ps(_mm512_sub_ps(z, vmax), vlog_sum));
+    const __m512 p = Exp16<true, kHalf ? ExpUse::kHalfOutput : ExpUse::kFloat>(
+        _mm512_sub_ps(_mm512_sub_ps(z, vmax), vlog_sum));
     const __m512 g = _mm512_fmsub_ps(p, vk, lw);
     if constexpr (Map::kIdentity) {
       return g;
@@ -410,37 +445,6 @@ inline void WriteGradRow(const T *row, int64_t C, float shift_max, float shift_l
   }
 }
 
-// ---- the log-sum-exp split at the maximum (fused linear + cross-entropy) ----------------------
-// SumExpBelowMax(row, begin, end, max, &at_max): for the (finite) maximum `max` of the elements,
-// returns sum_{c: x[c] < max} exp(x[c] - max) and sets at_max to the number of elements equal to
-// max, so that lse - max = log1p((at_max - 1) + sum) keeps the relative precision of a small sum.
-template <typename T>
-inline float SumExpBelowMax(const T *row, int64_t begin, int64_t end, float max, float *at_max) {
-  const __m512 vmax = _mm512_set1_ps(max);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 count0 = _mm512_setzero_ps(), count1 = _mm512_setzero_ps();
-  auto add16 = [&](__m512 x, __mmask16 mask, __m512 &acc, __m512 &count) {
-    const __mmask16 equal = _mm512_mask_cmp_ps_mask(mask, x, vmax, _CMP_EQ_OQ);
-    count = _mm512_mask_add_ps(count, equal, count, one);
-    acc = _mm512_mask_add_ps(acc, mask & ~equal, acc, Exp16(_mm512_sub_ps(x, vmax)));
-  };
-  int64_t c = begin;
-  for (; c + 32 <= end; c += 32) {
-    PrefetchAhead32(row + c);
-    __m512 x0, x1;
-    Load32Unordered(row + c, x0, x1);
-    add16(x0, 0xFFFF, acc0, count0);
-    add16(x1, 0xFFFF, acc1, count1);
-  }
-  for (; c < end; c += 16) {
-    const __mmask16 mask = TailMask(end - c);
-    add16(Load16(row + c, mask), mask, acc0, count0);
-  }
-  *at_max = _mm512_reduce_add_ps(_mm512_add_ps(count0, count1));
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
 #else  // portable
 
 template <typename T, typename Map = IdentityMap>
@@ -484,6 +488,13 @@ inline float SumExpAtMaxSplit(const T *row, int64_t begin, int64_t end, float ma
   return sum;
 }
 
+template <typename T, typename Map>
+inline float SumExpAtMaxSplitPrefetching(const T *row, int64_t begin, int64_t end, float max,
+                                         float *count, const T * /* prefetch_row: AVX-512 builds */,
+                                         const Map &map) {
+  return SumExpAtMaxSplit(row, begin, end, max, count, map);
+}
+
 template <typename T, typename Map = IdentityMap>
 inline void WriteGradRow(const T *row, int64_t C, float shift_max, float shift_log_sum, float k,
                          float l, const float *weight, T *out,
@@ -494,20 +505,6 @@ inline void WriteGradRow(const T *row, int64_t C, float shift_max, float shift_l
     const float lw = weight ? l * weight[c] : l;
     out[c] = FromFloat<T>((FastExp((z - shift_max) - shift_log_sum) * k - lw) * map.Slope(z));
   }
-}
-
-template <typename T>
-inline float SumExpBelowMax(const T *row, int64_t begin, int64_t end, float max, float *at_max) {
-  float sum = 0.0f, count = 0.0f;
-#pragma omp simd reduction(+ : sum, count)
-  for (int64_t c = begin; c < end; ++c) {
-    const float x = ToFloat(row[c]);
-    const bool equal = x == max;
-    count += equal ? 1.0f : 0.0f;
-    sum += equal ? 0.0f : FastExp(x - max);
-  }
-  *at_max = count;
-  return sum;
 }
 
 #endif

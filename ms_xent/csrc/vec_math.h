@@ -61,6 +61,17 @@ constexpr float kExpP2 = 0.041668377816677094f;
 constexpr float kExpP3 = 0.008368723094463348f;
 constexpr float kExpP4 = 0.0013815228594467044f;
 
+// P of degree 3 for sums of exp over float16 / bfloat16 inputs (row_kernels.h): 1.05e-7 relative
+// in exact arithmetic (fitted the same way), below one float32 ulp (1.19e-7). A sum of such terms
+// is off by at most that relative amount, so L = log(sum) by at most ~1e-7 absolute: the size of
+// the float32 rounding of L itself, and far below the rounding of the half-precision inputs
+// (2^-9 relative for bfloat16). One FMA less than kExpP*: the half-precision forward is bound by
+// this polynomial, not by memory.
+constexpr float kExpHalfInputP0 = 0.499992311000824f;
+constexpr float kExpHalfInputP1 = 0.16667114198207855f;
+constexpr float kExpHalfInputP2 = 0.04189011827111244f;
+constexpr float kExpHalfInputP3 = 0.00831252709031105f;
+
 // P of degree 2 for results rounded to float16 / bfloat16 right after (row_kernels.h): 5.4e-6
 // relative in exact arithmetic (fitted the same way), 45x below half an ulp of float16 (2^-12).
 constexpr float kExpHalfP0 = 0.5000512003898621f;
