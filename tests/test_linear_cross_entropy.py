@@ -15,6 +15,7 @@ from mindspore import nn, ops
 
 import ms_xent
 from ms_xent._backends import dispatch as backends
+from ms_xent._backends import linear_chunks
 from ms_xent._backends._mindspore import total as sum_rows
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
@@ -52,7 +53,7 @@ each_implementation = pytest.mark.parametrize(
 
 @pytest.fixture(name="linear_backend")
 def linear_backend_fixture(request, backend, monkeypatch):
-    """The implementation (``each_implementation``) on the backend: the name the dispatch gives it."""
+    """The implementation (``each_implementation``) on the backend, as the dispatch names it."""
     if request.param == "chunks" and backend == backends.CPU_KERNEL:
         monkeypatch.setattr(cpu_linear, "onednn_library", lambda: None)
     return backends.MATMUL_CHUNKS if request.param == "chunks" else backends.CPU_KERNEL
@@ -437,6 +438,9 @@ def test_composed_row_chunks_match_the_cpu_kernel(mode, monkeypatch):
         return row_kernels(name, *args)
 
     monkeypatch.setattr(backends, "row_kernels", spy)
+    # Fresh per-chunk Cells, so that the spy sees which rows backend each one is built on (an
+    # earlier test with the same static options would otherwise have left them built).
+    monkeypatch.setattr(linear_chunks, "_CELLS", {})
     results = {}
     for name in ("cpu", "composed"):
         def loss_of(h, w, b):
