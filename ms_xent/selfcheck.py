@@ -109,8 +109,11 @@ def _case_inputs(seed, n_rows=64, n_classes=512):
 def _cross_entropy(x, target, weight, options):
     options = dict(options)
     weighted = options.pop("weighted", False)
-    if options.get("ignore_index") is None and options.get("reduction") == "sum":
-        options["ignore_index"] = -100
+    if "ignore_index" in options:
+        # The rows marked with the default ignore_index are ignored rows under this one too (a
+        # value outside [0, C) that is not ignore_index is refused).
+        target = ms.ops.select(target == -100, ms.ops.full_like(target, options["ignore_index"]),
+                               target)
 
     def loss_of(logits):
         outputs = cross_entropy_loss(logits, target, weight if weighted else None, **options)
@@ -202,11 +205,17 @@ def run(quick=False, mode="pynative", only=None):
             x = ms.Tensor(x32).astype(DTYPES[dtype_name])
             inputs = (x, ms.Tensor(target), ms.Tensor(weight))
             reference_inputs = (x.astype(ms.float32),) + inputs[1:]
-            reference = _run(REFERENCE, None, function, reference_inputs, options)
+            try:
+                reference = _run(REFERENCE, None, function, reference_inputs, options)
+            except Exception as failure:  # pylint: disable=broad-except
+                reference = failure
             for route, request, variant in routes():
                 start = time.perf_counter()
                 with PeakMemory() as memory:
                     try:
+                        if isinstance(reference, Exception):
+                            raise RuntimeError(f"the {REFERENCE} reference failed: "
+                                               f"{reference}") from reference
                         results = _run(request, variant, function, inputs, options)
                         error = max(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
                                     for got, want in zip(results, reference))

@@ -20,12 +20,20 @@ kernels (measured here: the fused CPU kernel 8.6 s blocking vs 16.4 s plain at 8
 Method: one fresh subprocess per (implementation, shape, dtype, mode). It imports its framework,
 runs the implementation on a tiny input (loads kernels, starts thread pools), creates the inputs
 (hidden ~ N(0, 1), weight ~ N(0, 1/H) * 3, uniform targets; seeded, identical for every
-implementation), resets the peak-RSS counter (``/proc/self/clear_refs`` = 5: VmHWM restarts at the
-current RSS), takes the current RSS as the baseline, runs the forward+backward once (GRAPH
-compilation included) and reads VmHWM: peak extra memory = VmHWM - baseline, everything the loss
-and its gradients needed on top of the inputs (including the gradients themselves and memory kept
-by MindSpore's pools). Then ``--repeats`` timed calls (after the first, untimed one): the time is
-their median; each call ends with a full synchronisation and frees its result.
+implementation), compiles the GRAPH-mode cell for them (``Cell.compile``: once per shape, not per
+step; its memory is MindSpore's compiler's), resets the peak-RSS counter
+(``/proc/self/clear_refs`` = 5: VmHWM restarts at the current RSS), takes the current RSS as the
+baseline, runs the forward+backward once and reads VmHWM: peak extra memory = VmHWM - baseline,
+everything the loss and its gradients needed on top of the inputs (including the gradients
+themselves and memory kept by MindSpore's pools). Then ``--repeats`` timed calls (after the
+first, untimed one): the time is their median; each call ends with a full synchronisation and
+frees its result.
+
+``--rounds`` > 1 runs the whole list of cases that many times, one round after the other, so that
+the implementations alternate (interleaved A/B runs on a machine whose load and memory bandwidth
+drift); the table then gives per case the median over the rounds, and the time ratio to
+``unfused`` is the median of the per-round ratios. Every case records the load average (1 min)
+at its start.
 
 Targets: peak extra memory <= 5% of the logits' size (N * V * itemsize) + the weight
 gradient (V * H * 4, float32 accumulation), time <= 1.3 x ``unfused``.
@@ -150,6 +158,8 @@ def run_worker(spec):
 
     call(inputs(*TINY))
     args = inputs(spec["rows"], spec["hidden"], spec["vocab"])
+    if spec["mode"] == "graph":
+        gradients.compile(*args)
     _pynative_executor.sync()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
         clear_refs.write("5")
@@ -213,28 +223,41 @@ def _mib(value):
 
 
 def markdown(results, header):
+    """One line per case: medians over the rounds that succeeded (memory, time, load) and the
+    median of the per-round time ratios to ``unfused``."""
     lines = [header, "",
              "| N x H x V | dtype | mode | implementation | peak extra MiB | % of logits | "
-             "target MiB | memory vs target | median s (first call) | time vs unfused |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "target MiB | memory vs target | median s (first call) | time vs unfused | "
+             "load | rounds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     unfused_time = {}
     for result in results:
         if result["impl"] == "unfused" and result["status"] == "ok":
-            unfused_time[(result["shape"], result["dtype"], result["mode"])] = result["median_s"]
+            key = (result["shape"], result["dtype"], result["mode"], result["round"])
+            unfused_time[key] = result["median_s"]
+    cases = {}
     for result in results:
-        rows, hidden, vocab = result["dims"]
-        logits = rows * vocab * ITEMSIZE[result["dtype"]]
+        key = (result["shape"], result["dtype"], result["mode"], result["label"])
+        cases.setdefault(key, []).append(result)
+    for (shape, dtype, mode, label), runs in cases.items():
+        rows, hidden, vocab = runs[0]["dims"]
+        logits = rows * vocab * ITEMSIZE[dtype]
         target = 0.05 * logits + vocab * hidden * 4
-        cells = [result["shape"], result["dtype"], result["mode"], result["label"]]
-        if result["status"] != "ok":
-            lines.append("| " + " | ".join(cells + [result["status"]] + [""] * 5) + " |")
+        cells = [shape, dtype, mode, label]
+        done = [run for run in runs if run["status"] == "ok"]
+        if not done:
+            lines.append("| " + " | ".join(cells + [runs[0]["status"]] + [""] * 7) + " |")
             continue
-        extra = result["peak_extra_bytes"]
-        reference = unfused_time.get((result["shape"], result["dtype"], result["mode"]))
-        ratio = f"{result['median_s'] / reference:.2f}x" if reference else "n/a"
+        extra = statistics.median(run["peak_extra_bytes"] for run in done)
+        ratios = [run["median_s"] / unfused_time[(shape, dtype, mode, run["round"])]
+                  for run in done if (shape, dtype, mode, run["round"]) in unfused_time]
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "n/a"
+        median_s = statistics.median(run["median_s"] for run in done)
+        first_s = statistics.median(run["first_call_s"] for run in done)
         cells += [_mib(extra), f"{100 * extra / logits:.1f}%", _mib(target),
-                  f"{extra / target:.2f}x",
-                  f"{result['median_s']:.2f} ({result['first_call_s']:.1f})", ratio]
+                  f"{extra / target:.2f}x", f"{median_s:.2f} ({first_s:.1f})", ratio,
+                  f"{statistics.median(run['load'] for run in done):.1f}",
+                  f"{len(done)}/{len(runs)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -250,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--chunk-sizes", default="auto",
                         help="fused chunk sizes in rows, 'auto' = automatic (default: auto)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of the whole case list, alternating the implementations")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     parser.add_argument("--mem-cap-gb", type=float, default=None)
     parser.add_argument("--output-dir", default=None)
@@ -279,7 +304,7 @@ def main(argv=None):
     header = (f"Fused linear + cross-entropy, forward+backward (grad hidden and weight), CPU "
               f"({os.cpu_count()} cores), {datetime.datetime.now():%Y-%m-%d %H:%M}. Load average "
               f"at start {load:.1f}{busy}. Memory cap per subprocess {mem_cap / GIB:.1f} GiB; "
-              f"median of {args.repeats} timed calls after one untimed call.")
+              f"median of {args.repeats} timed calls after one untimed call; {args.rounds} round(s).")
     print(header, flush=True)
 
     unknown_modes = set(args.modes.split(",")) - set(MODES)
@@ -300,17 +325,22 @@ def main(argv=None):
                                       "dtype": dtype, "mode": mode, "repeats": args.repeats,
                                       "chunk_size": None if chunk == "auto" else int(chunk)})
     results = []
-    for index, spec in enumerate(specs, 1):
-        print(f"[{index}/{len(specs)}] {spec['name']} ...", flush=True)
-        result = launch(spec, work_dir, log_dir / f"{spec['name']}.log", mem_cap, args.timeout)
-        result.update({key: spec[key] for key in ("impl", "label", "shape", "dtype", "mode")})
-        result["dims"] = (spec["rows"], spec["hidden"], spec["vocab"])
-        results.append(result)
-        summary = (f"peak extra {_mib(result['peak_extra_bytes'])} MiB, median "
-                   f"{result['median_s']:.2f} s" if result["status"] == "ok"
-                   else result["status"])
-        print(f"    {summary}", flush=True)
-        (output / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    for round_index in range(args.rounds):
+        for index, spec in enumerate(specs, 1):
+            load = os.getloadavg()[0]
+            print(f"[round {round_index + 1}/{args.rounds}, {index}/{len(specs)}] {spec['name']} "
+                  f"(load {load:.1f}) ...", flush=True)
+            result = launch(spec, work_dir, log_dir / f"{spec['name']}-{round_index}.log",
+                            mem_cap, args.timeout)
+            result.update({key: spec[key] for key in ("impl", "label", "shape", "dtype", "mode")})
+            result.update(dims=(spec["rows"], spec["hidden"], spec["vocab"]), round=round_index,
+                          load=load)
+            results.append(result)
+            summary = (f"peak extra {_mib(result['peak_extra_bytes'])} MiB, median "
+                       f"{result['median_s']:.2f} s" if result["status"] == "ok"
+                       else result["status"])
+            print(f"    {summary}", flush=True)
+            (output / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     table = markdown(results, header)
     (output / "results.md").write_text(table, encoding="utf-8")
     print(table)

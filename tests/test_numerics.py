@@ -98,8 +98,8 @@ class Summed(nn.Cell):
         super().__init__()
         self.fn = fn
 
-    def construct(self, x, target):
-        return self.fn(x, target).sum()
+    def construct(self, *inputs):
+        return self.fn(*inputs).sum()
 
 
 class Rows(nn.Cell):
@@ -316,6 +316,30 @@ def test_denormal_weights_with_mean(mode):
     x, target, weight = weighted_case(np.full(100, 1e-40))
     loss, grad = run_weighted(mode, x, target, weight, "mean")
     want_loss, want_grad = torch_weighted(x, target, weight.astype(np.float64), "mean")
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
+    assert_close_to_peak(grad, want_grad, ms.float32)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("scale", [1e37, 1e-40], ids=["huge", "denormal"])
+@pytest.mark.parametrize("cell", ["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_cells_weighted_mean_with_extreme_weights(mode, scale, cell):
+    """The Cells' weighted mean sum(w l) / sum(w) for weights whose float32 sums overflow (1e37)
+    or are denormal (1e-40): PyTorch's float64 value, finite gradients."""
+    x, target, _ = weighted_case(np.ones(100))
+    weight = np.linspace(1.0, 3.0, 100) * scale
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    if cell == "CrossEntropyLoss":
+        loss_cell = CrossEntropyLoss(weight=weight.astype(np.float32))
+        inputs = (ms.Tensor(x), ms.Tensor(target))
+    else:
+        # logits = hidden @ I: the Cell sees exactly x.
+        loss_cell = ms_xent.nn.LinearCrossEntropyLoss(weight=weight.astype(np.float32))
+        inputs = (ms.Tensor(x), ms.Tensor(np.eye(100, dtype=np.float32)), ms.Tensor(target))
+    loss = float(loss_cell(*inputs).asnumpy().reshape(-1)[0])
+    grad = ms.grad(Summed(loss_cell))(*inputs).asnumpy().astype(np.float64)
+    want_loss, want_grad = torch_weighted(x, target, weight.astype(np.float32), "mean")
     assert np.isfinite(grad).all()
     np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
     assert_close_to_peak(grad, want_grad, ms.float32)

@@ -91,12 +91,14 @@ def counted_rows(target, ignore_index):
 
 
 def safe_divide(numerator, denominator):
-    """numerator / denominator; 0 (and a zero gradient) where the denominator is exactly 0 (every
-    row ignored, or class weights summing to 0); a negative denominator (weights of either sign)
-    divides as usual. Selecting twice keeps the gradient of the unused branch finite."""
+    """numerator / denominator; where the denominator is exactly 0 (every row ignored or masked
+    out, or class weights summing to 0), numerator * 0 with a zero gradient: 0, or NaN when the
+    numerator is not finite (a masked-out row of NaN logits keeps the loss NaN, as it does without
+    class weights). A negative denominator (weights of either sign) divides as usual. Selecting
+    twice keeps the gradient of the unused branch finite."""
     nonzero = denominator != 0
     safe = ops.select(nonzero, denominator, ops.ones_like(denominator))
-    return ops.select(nonzero, numerator / safe, ops.zeros_like(numerator))
+    return ops.select(nonzero, numerator / safe, numerator * 0)
 
 
 def log1p(u):

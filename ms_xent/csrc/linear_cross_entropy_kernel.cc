@@ -23,6 +23,8 @@
 //   and at the target, with A = a_n (1-eps) w[y], the difference p_y K_n - A taken without
 //   cancellation: -A (1 - p_y) + (K_n - A) p_y,  1 - p_y = -expm1(-((M_n - x[n, y]) + L_n)).
 //   g = dL/dz = dL/dx * (1 - (x / cap)^2)           (d tanh(t)/dt = 1 - tanh(t)^2)
+//   z[n, v] = s (sum_k h[n, k] W[v, k] + b[v]), so dz[n, v]/dh[n, k] = s W[v, k],
+//   dz[n, v]/dW[v, k] = s h[n, k], dz[n, v]/db[v] = s, and by the chain rule
 //   dL/dh = s g W,   dL/dW = s g^T h,   dL/db = s sum_n g[n, :]
 //
 // Loop order. The rows are processed in blocks [r0, r1) of R rows over the whole vocabulary, so
@@ -30,16 +32,24 @@
 // once:
 //   x = logits of the block (product 1); per row, M_n, L_n, l_n, and (gradients) g in place;
 //   dL/dh[r0:r1] = s g W (product 2, written once);
-//   dL/dW += s g^T h[r0:r1] (product 3, accumulated over the row blocks into the weight gradient,
-//   or a float32 [V, H] accumulator for half types); dL/db accumulated in float32.
+//   dL/dW += s g^T h[r0:r1] (product 3, accumulated in float32 over the row blocks, see below);
+//   dL/db accumulated in float32.
 // Three products, as the unfused path (logits, d hidden, d weight), on oneDNN's kernels on every
-// core. The weight and its gradient are streamed once per row block, so R trades memory (the
-// [R, V] block) against that traffic.
+// core. Each row block streams W twice (products 1 and 2) and reads and writes the [V, H]
+// accumulator of dL/dW once (product 3), so R trades memory (the [R, V] block) against that
+// traffic; the caller chooses R.
 //
 // dtypes: float32 products for float32 inputs; bfloat16 products (float32 accumulation) for
 // bfloat16 inputs, with g rounded to bfloat16 as the operand of products 2 and 3 (as the unfused
-// path's bfloat16 logits gradient is); float16 inputs are converted to float32 operands (a
-// float32 copy of W, and of one row block of h). Gradients are returned in the input dtype.
+// path's bfloat16 logits gradient is; stored over the block's float32 logits, row by row);
+// float16 inputs are converted to float32 operands (a float32 copy of W, and of one row block of
+// h). Gradients are returned in the input dtype.
+// The float32 accumulator of dL/dW: the float32 gradient output itself; for bfloat16 the float32
+// value split into its upper 16 bits, kept in the bfloat16 output, and its lower 16 bits, in a
+// [V, H] uint16 array (bit-exact float32 accumulation with half the memory of a float32 copy;
+// product 3 runs per tile of vocabulary rows on a per-thread float32 tile that is joined before
+// and split after, and the output is rounded to nearest bfloat16 at the end); for float16 a
+// float32 [V, H] array.
 //
 // A target outside [0, V) that is not ignore_index is treated as ignored and makes the kernel
 // return kTargetOutOfRange (it is never used as an index).
@@ -49,6 +59,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -118,6 +129,30 @@ void ConvertRows(const From *src, To *dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = FromFloat<To>(ToFloat(src[i]));
 }
 
+// Rounds a float32 row to bfloat16 over its own storage: element c moves from byte 4c to byte 2c.
+// Each chunk is read before it is written, through a copy (memcpy may alias the floats), and a
+// chunk's bfloat16 bytes end below the float32 bytes of every later chunk.
+void RoundRowToBFloat16InPlace(float *row, int64_t count) {
+  constexpr int64_t kChunk = 64;
+  BFloat16 rounded[kChunk];
+  auto *bytes = reinterpret_cast<unsigned char *>(row);
+  for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
+    const int64_t size = c0 + kChunk < count ? kChunk : count - c0;
+    for (int64_t c = 0; c < size; ++c) rounded[c] = FromFloat<BFloat16>(row[c0 + c]);
+    std::memcpy(bytes + c0 * sizeof(BFloat16), rounded, size * sizeof(BFloat16));
+  }
+}
+
+// The float32 value whose upper 16 bits are `high` and lower 16 bits `low`, and back.
+inline float JoinHalves(BFloat16 high, uint16_t low) {
+  return BitsToFloat(static_cast<uint32_t>(high.bits) << 16 | low);
+}
+inline void SplitHalves(float value, BFloat16 *high, uint16_t *low) {
+  const uint32_t bits = FloatToBits(value);
+  high->bits = static_cast<uint16_t>(bits >> 16);
+  *low = static_cast<uint16_t>(bits);
+}
+
 // The split log-sum-exp of one row: lse = max + log_sum (see the header).
 struct RowLse {
   float max;
@@ -130,6 +165,9 @@ class LinearCrossEntropy {
   using G = GemmOperand<T>;
   static constexpr bool kFloat = std::is_same_v<T, float>;
   static constexpr bool kHalf16 = std::is_same_v<T, _Float16>;
+  static constexpr bool kBFloat16 = std::is_same_v<T, BFloat16>;
+  // Vocabulary rows per tile of the split bfloat16 accumulation of product 3.
+  static constexpr int64_t kWeightTile = 512;
 
   LinearCrossEntropy(const LinearAttrs &attrs, int64_t N, int64_t H, int64_t V, const T *hidden,
                      const T *weight, const T *bias, const Index *target,
@@ -156,17 +194,18 @@ class LinearCrossEntropy {
       }
       return kOk;
     }
-    Scratch<float> logits(rows_ * V_);                             // x, then g in place
-    Scratch<G> grad_operand(grads && !std::is_same_v<G, float> ? rows_ * V_ : 0);
+    Scratch<float> logits(rows_ * V_);                  // x, then g in place (bfloat16: over it)
     Scratch<float> hidden_f32(kHalf16 ? rows_ * H_ : 0);          // a row block of h
     Scratch<float> weight_f32(kHalf16 ? V_ * H_ : 0);             // W
     Scratch<float> grad_hidden_f32(grads && !kFloat ? rows_ * H_ : 0);
-    Scratch<float> grad_weight_f32(grads && !kFloat ? V_ * H_ : 0);
+    Scratch<float> grad_weight_f32(grads && kHalf16 ? V_ * H_ : 0);
+    Scratch<uint16_t> grad_weight_low(grads && kBFloat16 ? V_ * H_ : 0);
+    Scratch<float> weight_tiles(grads && kBFloat16 ? omp_get_max_threads() * kWeightTile * H_ : 0);
     Scratch<float> grad_bias_f32(grads && attrs_.has_bias ? V_ : 0);
     std::vector<RowLse> row_lse(rows_);
-    if (!logits.allocated() || !grad_operand.allocated() || !hidden_f32.allocated() ||
-        !weight_f32.allocated() || !grad_hidden_f32.allocated() || !grad_weight_f32.allocated() ||
-        !grad_bias_f32.allocated()) {
+    if (!logits.allocated() || !hidden_f32.allocated() || !weight_f32.allocated() ||
+        !grad_hidden_f32.allocated() || !grad_weight_f32.allocated() ||
+        !grad_weight_low.allocated() || !weight_tiles.allocated() || !grad_bias_f32.allocated()) {
       MS_XENT_REPORT("linear_cross_entropy", "out of memory for the block buffers");
       return kBadArguments;
     }
@@ -195,29 +234,41 @@ class LinearCrossEntropy {
         row_lse[i] = RowLogSumExp(row);
         lse[n] = row_lse[i].max + row_lse[i].log_sum;
         values[n] = RowValue(n, row, row_lse[i]);
-        if (grads) {
-          GradRow(n, row, row_lse[i], lse[n]);
-          if constexpr (!std::is_same_v<G, float>) {
-            G *out = grad_operand.get() + i * V_;
-            for (int64_t c = 0; c < V_; ++c) out[c] = FromFloat<G>(row[c]);
-          }
-        }
+        if (grads) GradRow(n, row, row_lse[i], lse[n]);
       }
       if (!grads) continue;
       if (db) AddColumnSums(x, rows, db);
-      const G *g = std::is_same_v<G, float> ? reinterpret_cast<const G *>(x) : grad_operand.get();
+      // g as the products' operand: the float32 block, or its rows rounded to bfloat16 in place
+      // (a row of g then starts every 2V bfloat16 elements).
+      int64_t ldg = V_;
+      if constexpr (kBFloat16) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < rows; ++i) RoundRowToBFloat16InPlace(x + i * V_, V_);
+        ldg = 2 * V_;
+      }
+      const G *g = reinterpret_cast<const G *>(x);
       // dL/dh[r0:r1] = s g W: [rows, H], written once.
       float *dh = kFloat ? reinterpret_cast<float *>(grad_hidden) + r0 * H_ : grad_hidden_f32.get();
-      status = ParallelGemm(*attrs_.gemm, false, false, rows, H_, V_, scale, g, V_,
+      status = ParallelGemm(*attrs_.gemm, false, false, rows, H_, V_, scale, g, ldg,
                             weight_operand, H_, 0.0f, dh, H_);
       // dL/dW += s g^T h[r0:r1]: [V, H].
-      status |= ParallelGemm(*attrs_.gemm, true, false, V_, H_, rows, scale, g, V_, h, H_,
-                             r0 == 0 ? 0.0f : 1.0f, dw, H_);
+      const bool first = r0 == 0;
+      if constexpr (kBFloat16) {
+        status |= AccumulateSplitWeightGradient(g, ldg, h, rows, first, grad_weight,
+                                                grad_weight_low.get(), weight_tiles.get());
+      } else {
+        status |= ParallelGemm(*attrs_.gemm, true, false, V_, H_, rows, scale, g, ldg, h, H_,
+                               first ? 0.0f : 1.0f, dw, H_);
+      }
       if (status != 0) return ReportGemmFailure(status);
       if (!kFloat) ConvertRows(dh, grad_hidden + r0 * H_, rows * H_);
     }
     if (grads) {
-      if (!kFloat) ConvertRows(dw, grad_weight, V_ * H_);
+      if constexpr (kBFloat16) {
+        RoundSplitWeightGradient(grad_weight, grad_weight_low.get());
+      } else if constexpr (kHalf16) {
+        ConvertRows(dw, grad_weight, V_ * H_);
+      }
       for (int64_t v = 0; v < V_; ++v) grad_bias[v] = FromFloat<T>(db ? scale * db[v] : 0.0f);
     }
     if (bad_target.load()) {
@@ -253,6 +304,39 @@ class LinearCrossEntropy {
     } else {
       return weight_;
     }
+  }
+
+  // bfloat16: (high, low) += s g^T h over tiles of kWeightTile vocabulary rows, each joined into
+  // the calling thread's float32 tile, accumulated by oneDNN and split back (`first`: no join,
+  // the product is written). g is [rows, V] with row stride ldg, h is [rows, H].
+  int AccumulateSplitWeightGradient(const G *g, int64_t ldg, const G *h, int64_t rows, bool first,
+                                    T *high, uint16_t *low, float *tiles) const {
+    const int64_t count = (V_ + kWeightTile - 1) / kWeightTile;
+    int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : status)
+    for (int64_t index = 0; index < count; ++index) {
+      const int64_t v0 = index * kWeightTile;
+      const int64_t size = (v0 + kWeightTile < V_ ? kWeightTile : V_ - v0) * H_;
+      float *tile = tiles + omp_get_thread_num() * kWeightTile * H_;
+      T *tile_high = high + v0 * H_;
+      uint16_t *tile_low = low + v0 * H_;
+      if (!first) {
+#pragma omp simd
+        for (int64_t i = 0; i < size; ++i) tile[i] = JoinHalves(tile_high[i], tile_low[i]);
+      }
+      status |= CallGemm(*attrs_.gemm, 'T', 'N', size / H_, H_, rows, attrs_.logit_scale,
+                         g + v0, ldg, h, H_, first ? 0.0f : 1.0f, tile, H_);
+#pragma omp simd
+      for (int64_t i = 0; i < size; ++i) SplitHalves(tile[i], tile_high + i, tile_low + i);
+    }
+    return status;
+  }
+
+  // The split accumulator (high, low) rounded to nearest bfloat16 into `high`.
+  void RoundSplitWeightGradient(T *high, const uint16_t *low) const {
+    const int64_t count = V_ * H_;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) high[i] = FromFloat<T>(JoinHalves(high[i], low[i]));
   }
 
   // x[rows, V] += s b, then the softcap cap tanh(x / cap).

@@ -30,9 +30,14 @@ def parallel_degrees(parallel_config, api):
     return tuple(_parallel_degree(parallel_config, name, api) for name in names)
 
 
-def class_weight_tensor(weight, api):
+def class_weight_tensor(weight, api, mean_only=False):
     """The class weights as a float32 [C] Tensor (None stays None): finite, of any sign (PyTorch
-    semantics); a non-finite entry raises ValueError."""
+    semantics); a non-finite entry raises ValueError.
+
+    ``mean_only``: the Cell uses the weights only in the weighted mean sum(w l) / sum(w), which
+    does not change when every weight is multiplied by the same factor. The weights are then scaled
+    by a power of two (exact) so that max |w| lies in [1, 2): the Cell's float32 sums stay finite
+    for weights near the float32 limit (1e37 x a few rows overflows) and normal for denormal ones."""
     if weight is None:
         return None
     values = weight.astype(ms.float32).asnumpy() if isinstance(weight, ms.Tensor) else np.asarray(
@@ -44,6 +49,9 @@ def class_weight_tensor(weight, api):
         position = int(np.flatnonzero(~np.isfinite(values))[0])
         raise ValueError(f"{api}: `weight` must be finite, got {values[position]} at class "
                          f"{position}")
+    largest = np.abs(values).max(initial=0.0)
+    if mean_only and largest > 0:
+        values = np.ldexp(values, 1 - np.frexp(largest)[1]).astype(np.float32)
     return ms.Tensor(values)
 
 

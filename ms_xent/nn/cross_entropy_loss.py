@@ -242,7 +242,8 @@ class CrossEntropyLoss(nn.Cell):
         self.logit_softcap = float(logit_softcap)
         self.per_token_output = wants_per_token_output(
             self.calculate_per_token_loss, self.seq_split_num, reduction, API)
-        self.weight = class_weight_tensor(weight, API)
+        self.weight = class_weight_tensor(weight, API, mean_only=(
+            reduction == "mean" and not self.per_token_output))
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.zloss_scale = float(lse_square_scale_for_zloss)

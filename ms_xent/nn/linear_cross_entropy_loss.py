@@ -102,7 +102,8 @@ class LinearCrossEntropyLoss(nn.Cell):
         check_ignore_index(API, ignore_index)
         self.per_token_output = wants_per_token_output(calculate_per_token_loss, seq_split_num,
                                                        reduction, API)
-        self.class_weight = class_weight_tensor(weight, API)
+        self.class_weight = class_weight_tensor(weight, API, mean_only=(
+            reduction == "mean" and not self.per_token_output))
         if self.class_weight is not None and lse_square_scale_for_zloss > 0 \
                 and self.per_token_output:
             raise ValueError(f"{API}: `weight` with `lse_square_scale_for_zloss` > 0 and the "

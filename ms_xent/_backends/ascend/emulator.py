@@ -136,8 +136,10 @@ class EmulatedCrossEntropyLoss(nn.Cell):
         # (x - m) - log sum exp(x - m): to a few float32 ulp (MindSpore's CPU LogSoftmax is ~10
         # ulp off); NaN propagates to its row (amax skips it).
         log_prob = shifted - ops.log(ops.exp(shifted).sum(axis=1, keepdims=True))
-        log_prob = ops.masked_fill(log_prob, ops.isnan(x).any(axis=1).reshape(-1, 1),
-                                   float("nan"))
+        # A row holding NaN or +inf: log_prob NaN throughout (x - max: inf - inf), as a
+        # max-shifted log-softmax gives.
+        undefined = ops.isnan(x).any(axis=1) | (row_max.reshape(-1) == float("inf"))
+        log_prob = ops.masked_fill(log_prob, undefined.reshape(-1, 1), float("nan"))
         class_weight = ops.ones((input.shape[1],), F32) if weight is None else weight
         weighted = -log_prob * class_weight
         # ignoreIndex < 0 ignores nothing (seed); targets outside [0, C) are undefined for the

@@ -7,7 +7,8 @@ row's argmax column c*, where x is finite unless the whole row is -inf (then lse
 every backend) and log_prob is the smallest in magnitude (-log p_max): no -inf - -inf, and ignored
 rows (whose target may be any out-of-range value) need no target column.
 
-Ignored rows: the vendor sees class 0 in their place and ms_xent masks them (see
+Ignored rows and counted rows with an out-of-range target (loss and gradient NaN): the vendor
+sees class 0 in their place and ms_xent masks them (see
 :func:`ms_xent._backends.ascend.vendor_op.vendor_target`).
 
 Label smoothing (vendor gradient: 0.0 only) is composed around the vendor call, unweighted:
@@ -44,7 +45,8 @@ class VendorRowsCell(nn.Cell):
         self.zeros_like = ops.ZerosLike()
 
     def construct(self, logits, target):
-        counted, safe_target = vendor_target(target, self.ignore_index)
+        counted, safe_target, undefined = vendor_target(target, self.ignore_index,
+                                                        logits.shape[1])
         loss, log_prob = vendor_forward(logits, safe_target, "none", self.ignore_index,
                                         self.vendor)
         x = logits.astype(F32)
@@ -59,7 +61,7 @@ class VendorRowsCell(nn.Cell):
             rows = ((1.0 - self.label_smoothing) * rows
                     + (self.label_smoothing / x.shape[1]) * spread)
         zeros = self.zeros_like(rows)
-        return (ops.select(counted, rows, zeros), lse, counted.astype(F32), log_prob)
+        return (ops.select(counted, rows, zeros) + undefined, lse, counted.astype(F32), log_prob)
 
     def bprop(self, logits, target, out, dout):
         log_prob = out[3]
@@ -67,7 +69,8 @@ class VendorRowsCell(nn.Cell):
         # MindSpore 2.9's GRAPH autodiff ("The func graph is empty").
         target64 = target.astype(ms.int64)
         counted = target64 != self.ignore_index
-        safe_target = ops.select(counted, target64, self.zeros_like(target64))
+        in_range = (target64 >= 0) & (target64 < logits.shape[1])
+        safe_target = ops.select(counted & in_range, target64, self.zeros_like(target64))
         row_grad = ops.select(counted, dout[0], self.zeros_like(dout[0]))
         grad = vendor_backward(((1.0 - self.label_smoothing) * row_grad).astype(log_prob.dtype),
                                log_prob, safe_target, "none", self.ignore_index,
@@ -81,6 +84,8 @@ class VendorRowsCell(nn.Cell):
         # row of -inf has p = NaN).
         silent = (row_grad == 0) & (dout[1] == 0)
         grad = ops.masked_fill(grad, silent.reshape(-1, 1), 0.0)
+        # A counted row with an out-of-range target: NaN, as its loss row (see vendor_target).
+        grad = ops.masked_fill(grad, (counted & ~in_range).reshape(-1, 1), float("nan"))
         return grad.astype(logits.dtype), self.zeros_like(target)
 
 

@@ -299,18 +299,26 @@ def aclnn_gradient(vendor):
 
 # ---- the vendor cross-entropy in ms_xent's conventions ----------------------------------------
 
-def vendor_target(target, ignore_index):
-    """(counted rows (bool [N]), int64 target with class 0 on the ignored rows).
+def vendor_target(target, ignore_index, n_classes):
+    """(counted rows (bool [N]), int64 target in [0, C) for the vendor, undefined rows (float32
+    [N]: NaN on a counted row whose target lies outside [0, C), 0 elsewhere)).
 
     The seed documents say that a negative ignoreIndex ignores nothing and that targets lie in
-    [0, C): ms_xent's default ignore_index -100 (PyTorch's) cannot be left to the vendor. So the
-    vendor always sees in-range targets, and ms_xent masks the ignored rows itself (their loss
-    rows and upstream gradients are 0); the vendor is called with reduction "none" only, and
-    ms_xent reduces ("mean" over the counted rows, 0 when there are none). This also keeps clear
-    of the documented refusal of non-default arguments for "mean" with gradients."""
+    [0, C): ms_xent's default ignore_index -100 (PyTorch's) cannot be left to the vendor, nor can
+    an out-of-range target (undefined there). So the vendor always sees in-range targets (class 0
+    in place of the others), ms_xent masks the ignored rows itself (their loss rows and upstream
+    gradients are 0) and adds the undefined rows' NaN to their loss and gradient, as every
+    backend does (never a silently wrong number); the vendor is called with reduction "none"
+    only, and ms_xent reduces ("mean" over the counted rows, 0 when there are none). This also
+    keeps clear of the documented refusal of non-default arguments for "mean" with gradients."""
     target = target.astype(ms.int64)
     counted = counted_rows(target, ignore_index)
-    return counted, ops.select(counted, target, _ZEROS_LIKE(target))
+    in_range = (target >= 0) & (target < n_classes)
+    safe = counted & in_range
+    # masked_fill, not zeros + NaN: MindSpore 2.9's GRAPH mode folds ZerosLike(x) + c to zeros.
+    undefined = ops.masked_fill(_ZEROS_LIKE(target).astype(ms.float32), counted & ~in_range,
+                                float("nan"))
+    return counted, ops.select(safe, target, _ZEROS_LIKE(target)), undefined
 
 
 def vendor_forward(input, target, reduction, ignore_index, vendor):  # pylint: disable=redefined-builtin
@@ -349,10 +357,13 @@ def vendor_cross_entropy_loss(input, target, reduction, ignore_index, vendor):  
     Returns ms_xent's (loss, log_prob, zloss, lse_for_zloss): a 0-d loss for "mean"/"sum", and
     the zero-size z-loss outputs of a call without z-loss.
     """
-    counted, safe_target = vendor_target(target, ignore_index)
+    counted, safe_target, undefined = vendor_target(target, ignore_index, input.shape[1])
     loss_rows, log_prob = vendor_forward(input, safe_target, "none", ignore_index, vendor)
     rows = loss_rows.astype(ms.float32)
     rows = ops.select(counted, rows, _ZEROS_LIKE(rows))
+    # (1 + undefined) rows: NaN on the undefined rows, in the loss and, through the vendor
+    # call's bprop, in their gradient.
+    rows = rows + undefined * rows
     loss = reduce_rows(rows, reduction, total(counted.astype(ms.float32)))
     return loss.astype(input.dtype), log_prob, ops.zeros((0,), input.dtype), ops.zeros(
         (0,), ms.float32)
@@ -360,11 +371,12 @@ def vendor_cross_entropy_loss(input, target, reduction, ignore_index, vendor):  
 
 def vendor_cross_entropy_loss_grad(grad_loss, log_prob, target, reduction, ignore_index, vendor):
     """Gradient of :func:`vendor_cross_entropy_loss` from its ``log_prob``, by the vendor op."""
-    counted, safe_target = vendor_target(target, ignore_index)
+    counted, safe_target, undefined = vendor_target(target, ignore_index, log_prob.shape[1])
     counted32 = counted.astype(ms.float32)
     upstream = upstream_per_row(grad_loss, reduction, total(counted32), counted32) * counted32
-    return vendor_backward(upstream.astype(log_prob.dtype), log_prob, safe_target, "none",
+    grad = vendor_backward(upstream.astype(log_prob.dtype), log_prob, safe_target, "none",
                            ignore_index, vendor)
+    return grad + undefined.astype(grad.dtype).reshape(-1, 1)
 
 
 def vendor_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,  # pylint: disable=redefined-builtin

@@ -1,10 +1,12 @@
 """The fused linear + cross-entropy on CPU: one compiled kernel per call.
 
 ``csrc/linear_cross_entropy_kernel.cc`` runs the whole computation (the math is in its header):
-it walks over the vocabulary in blocks of all N rows, computes each block's logits with oneDNN's
-matrix products (the library inside the MindSpore wheel, ``mindspore/lib/libdnnl.so.3``, opened
-by the kernel at run time), the fused cross-entropy, and the gradients w.r.t. hidden, weight and
-bias. Nothing of size [N, V] exists; the weight gradient is written once, block by block.
+it walks over the rows in blocks of R rows over the whole vocabulary, computes each block's
+logits with oneDNN's matrix products (the library inside the MindSpore wheel,
+``mindspore/lib/libdnnl.so.3``, opened by the kernel at run time), the fused cross-entropy, and
+the block's gradient w.r.t. hidden (written once) and its share of the gradients w.r.t. weight
+and bias (accumulated in float32). Nothing of size [N, V] exists; R (the ``row_block`` attribute)
+sets the size of the one [R, V] block.
 
 =====================  =========================================  ===============================
 primitive              inputs                                     outputs
@@ -63,34 +65,34 @@ def onednn_library():
     return path if os.path.exists(path) else None
 
 
-def _attrs(static, vocab_block):
+def _attrs(static, row_block):
     ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale = static
     return {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
             "weighted": bool(weighted), "has_bias": bool(has_bias),
             "logit_softcap": float(logit_softcap), "logit_scale": float(logit_scale),
-            "row_block": int(vocab_block), "gemm_library": onednn_library()}
+            "row_block": int(row_block), "gemm_library": onednn_library()}
 
 
 class LinearRows(AotPrimitive):
     """value[N] of the fused linear + cross-entropy (no gradients)."""
 
-    def __init__(self, static, vocab_block):
-        super().__init__(LINEAR_ROWS, _attrs(static, vocab_block))
+    def __init__(self, static, row_block):
+        super().__init__(LINEAR_ROWS, _attrs(static, row_block))
 
 
 class LinearSumGrad(AotPrimitive):
     """sum_n value_n and its gradients w.r.t. hidden, weight and bias."""
 
-    def __init__(self, static, vocab_block):
-        super().__init__(LINEAR_SUM_GRAD, _attrs(static, vocab_block))
+    def __init__(self, static, row_block):
+        super().__init__(LINEAR_SUM_GRAD, _attrs(static, row_block))
 
 
 class _GraphSum(nn.Cell):
     """GRAPH-mode "sum": the kernel computes the gradients in the forward; the bprop scales them."""
 
-    def __init__(self, static, vocab_block):
+    def __init__(self, static, row_block):
         super().__init__()
-        self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.sum_grad = LinearSumGrad(static, row_block)
         self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
@@ -108,10 +110,10 @@ class _GraphSum(nn.Cell):
 class _GraphRows(nn.Cell):
     """GRAPH-mode "rows": value[N]; the bprop recomputes the logits with the upstream factors."""
 
-    def __init__(self, static, vocab_block):
+    def __init__(self, static, row_block):
         super().__init__()
-        self.rows = LinearRows(static, vocab_block)
-        self.sum_grad = LinearSumGrad(static, vocab_block)
+        self.rows = LinearRows(static, row_block)
+        self.sum_grad = LinearSumGrad(static, row_block)
         self.first_order_only = FirstOrderOnly(API)
 
     def construct(self, hidden, weight, bias, target, class_weight, row_coef, z_coef):
@@ -129,11 +131,11 @@ class _EagerSum(Function):
     scales them; a plain call runs the forward-only kernel."""
 
     @staticmethod
-    def forward(ctx, static, vocab_block, with_grads, *inputs):
+    def forward(ctx, static, row_block, with_grads, *inputs):
         if not with_grads:
-            values, lse = cached_primitive(LinearRows, static, vocab_block)(*inputs)
+            values, lse = cached_primitive(LinearRows, static, row_block)(*inputs)
             return total(values), lse
-        loss_total, lse, *grads = cached_primitive(LinearSumGrad, static, vocab_block)(*inputs)
+        loss_total, lse, *grads = cached_primitive(LinearSumGrad, static, row_block)(*inputs)
         ctx.grads = grads
         return loss_total.reshape(()), lse
 
@@ -148,44 +150,44 @@ class _EagerRows(Function):
     """PYNATIVE "rows": keeps the inputs; the backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, static, vocab_block, *inputs):
+    def forward(ctx, static, row_block, *inputs):
         ctx.static = static
-        ctx.vocab_block = vocab_block
+        ctx.row_block = row_block
         ctx.inputs = inputs
-        return cached_primitive(LinearRows, static, vocab_block)(*inputs)
+        return cached_primitive(LinearRows, static, row_block)(*inputs)
 
     @staticmethod
     def backward(ctx, dout, _):
         check_first_order(API)
         (hidden, weight, bias, target, class_weight, row_coef, z_coef), ctx.inputs = \
             ctx.inputs, None
-        _, _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.vocab_block)(
+        _, _, *grads = cached_primitive(LinearSumGrad, ctx.static, ctx.row_block)(
             hidden, weight, bias, target, class_weight, dout * row_coef, dout * z_coef)
         return (None, None) + tuple(grads) + (None,) * 4
 
 
-def linear_cross_entropy_sum(static, vocab_block, hidden, weight, bias, target, class_weight,
+def linear_cross_entropy_sum(static, row_block, hidden, weight, bias, target, class_weight,
                              row_coef, z_coef):
     """(float32 0-d ``sum_n row_coef_n l_n + z_coef_n lse_n^2``, differentiable w.r.t. hidden,
     weight and bias; float32 [N] lse, not differentiated).
 
     ``static`` = (ignore_index, label_smoothing, weighted, has_bias, logit_softcap, logit_scale);
-    ``vocab_block``: vocabulary rows per block. Tensor inputs: hidden [N, H], weight [V, H],
+    ``row_block``: rows per block (R). Tensor inputs: hidden [N, H], weight [V, H],
     bias [V] (not read when has_bias is False), target [N] int, class_weight [V] float32,
     row_coef [N] and z_coef [N] float32 (not differentiated).
     """
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
-        return _EagerSum.apply(static, vocab_block, gradients_recorded(), *inputs)
-    outputs = _GraphSum(static, vocab_block)(*inputs)
+        return _EagerSum.apply(static, row_block, gradients_recorded(), *inputs)
+    outputs = _GraphSum(static, row_block)(*inputs)
     return outputs[0].reshape(()), outputs[1]
 
 
-def linear_cross_entropy_rows(static, vocab_block, hidden, weight, bias, target, class_weight,
+def linear_cross_entropy_rows(static, row_block, hidden, weight, bias, target, class_weight,
                               row_coef, z_coef):
     """(float32 [N] ``row_coef_n l_n + z_coef_n lse_n^2``, float32 [N] lse not differentiated);
     arguments as :func:`linear_cross_entropy_sum`."""
     inputs = (hidden, weight, bias, target, class_weight, row_coef, z_coef)
     if executing_eagerly():
-        return _EagerRows.apply(static, vocab_block, *inputs)
-    return _GraphRows(static, vocab_block)(*inputs)
+        return _EagerRows.apply(static, row_block, *inputs)
+    return _GraphRows(static, row_block)(*inputs)
