@@ -15,6 +15,7 @@ from mindspore import nn, ops
 
 import ms_xent
 from ms_xent._backends import dispatch as backends
+from ms_xent._backends import linear_chunks
 from ms_xent._backends._mindspore import total as sum_rows
 from ms_xent._backends.cpu import linear_cross_entropy_op as cpu_linear
 from ms_xent.nn.cross_entropy_loss import CrossEntropyLoss
@@ -24,6 +25,7 @@ from ms_xent.ops.linear_cross_entropy import (MAX_BLOCK_BYTES, MAX_BLOCK_WORKSPA
                                               MIN_ROW_BLOCK, MIN_WORKSPACE, ROW_BLOCK_FRACTION,
                                               chunk_layout, linear_cross_entropy,
                                               row_block_layout)
+from tests.conftest import BACKENDS
 from tests.reference import (DTYPES, TOLERANCE, assert_close, assert_close_to_peak, rounded,
                              to_ms, to_numpy, torch_linear_cross_entropy)
 
@@ -38,13 +40,20 @@ UPSTREAM = 2.5  # a non-unit upstream gradient exercises the scaling of the stor
 SOFTCAP_GRAD_SCALE = 10.0
 
 
-@pytest.fixture(params=("kernel", "chunks"), name="linear_backend")
+# Each implementation of the fused linear + cross-entropy on each test backend: on cpu the oneDNN
+# kernel ("kernel") and the row chunks over the CPU kernels, as without oneDNN ("chunks"); the
+# other backends have the row chunks only.
+IMPLEMENTATIONS = [(backend, implementation) for backend in BACKENDS
+                   for implementation in (("kernel", "chunks") if backend == backends.CPU_KERNEL
+                                          else ("chunks",))]
+each_implementation = pytest.mark.parametrize(
+    ("backend", "linear_backend"), IMPLEMENTATIONS, indirect=True,
+    ids=[f"{backend}-{implementation}" for backend, implementation in IMPLEMENTATIONS])
+
+
+@pytest.fixture(name="linear_backend")
 def linear_backend_fixture(request, backend, monkeypatch):
-    """Runs the test once per implementation of the fused linear + cross-entropy on each backend:
-    on cpu the oneDNN kernel ("kernel") and the row chunks over the CPU kernels, as without
-    oneDNN ("chunks"); composed has the row chunks only."""
-    if request.param == "kernel" and backend != backends.CPU_KERNEL:
-        pytest.skip("the composed backend has one implementation (row chunks), run as 'chunks'")
+    """The implementation (``each_implementation``) on the backend, as the dispatch names it."""
     if request.param == "chunks" and backend == backends.CPU_KERNEL:
         monkeypatch.setattr(cpu_linear, "onednn_library", lambda: None)
     return backends.MATMUL_CHUNKS if request.param == "chunks" else backends.CPU_KERNEL
@@ -179,6 +188,7 @@ def upstream_for(options, n_rows=N, seed=5):
     return UPSTREAM
 
 
+@each_implementation
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_options_vs_torch(linear_backend, mode, case):
     options, data_options = case
@@ -186,6 +196,7 @@ def test_options_vs_torch(linear_backend, mode, case):
     check_against_oracle(data, dict(options, chunk_size=CHUNK), upstream=upstream_for(options))
 
 
+@each_implementation
 @pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
                          ids=["mean", "none"])
 def test_bfloat16_vs_torch(linear_backend, mode, options):
@@ -193,6 +204,7 @@ def test_bfloat16_vs_torch(linear_backend, mode, options):
                          upstream_for(options))
 
 
+@each_implementation
 @pytest.mark.parametrize("options", [dict(ALL_OPTIONS), dict(ALL_OPTIONS, reduction="none")],
                          ids=["mean", "none"])
 def test_float16_vs_torch(linear_backend, options):
@@ -218,12 +230,14 @@ def test_cpu_kernel_blocks_on_a_larger_problem(mode, dtype_name, chunk_size):
     check_against_oracle(data, dict(ALL_OPTIONS, chunk_size=chunk_size), dtype_name)
 
 
+@each_implementation
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, N, 100])
 def test_chunk_sizes_agree(linear_backend, chunk_size):
     """Automatic (one chunk here), one row per chunk, non-dividing, exact and oversized chunks."""
     check_against_oracle(make_data(**ALL_DATA), dict(ALL_OPTIONS, chunk_size=chunk_size))
 
 
+@each_implementation
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_single_row(linear_backend, mode, reduction):
     options = dict(ALL_OPTIONS, reduction=reduction, chunk_size=CHUNK)
@@ -231,6 +245,7 @@ def test_single_row(linear_backend, mode, reduction):
     check_against_oracle(data, options, upstream=upstream_for(options, n_rows=1))
 
 
+@each_implementation
 def test_every_row_ignored_gives_zero_loss_and_gradient(linear_backend, mode):
     data = make_data(bias=True)
     data["target"][:] = IGNORE_INDEX
@@ -241,6 +256,7 @@ def test_every_row_ignored_gives_zero_loss_and_gradient(linear_backend, mode):
         assert not grad.any(), name
 
 
+@each_implementation
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_rows_gives_empty_or_zero_results(linear_backend, mode, reduction):
     hidden = ms.Tensor(np.zeros((0, H), np.float32))
@@ -257,6 +273,7 @@ def test_no_rows_gives_empty_or_zero_results(linear_backend, mode, reduction):
     assert grad_weight.shape == (V, H) and not to_numpy(grad_weight).any()
 
 
+@each_implementation
 def test_forward_without_gradient_matches(linear_backend, mode):
     """Outside autodiff PYNATIVE skips the gradient work; the loss must not change."""
     data = make_data(**ALL_DATA)
@@ -288,6 +305,7 @@ CELL_CASES = {  # constructor options, make_data keywords
 }
 
 
+@each_implementation
 @pytest.mark.parametrize("case", CELL_CASES.values(), ids=CELL_CASES.keys())
 def test_cell_matches_unfused_cross_entropy_loss(linear_backend, mode, case):
     """LinearCrossEntropyLoss(hidden, weight) == CrossEntropyLoss(hidden @ weight.T + bias),
@@ -423,6 +441,9 @@ def test_composed_row_chunks_match_the_cpu_kernel(mode, monkeypatch):
         return row_kernels(name, *args)
 
     monkeypatch.setattr(backends, "row_kernels", spy)
+    # Fresh per-chunk Cells, so that the spy sees which rows backend each one is built on (an
+    # earlier test with the same static options would otherwise have left them built).
+    monkeypatch.setattr(linear_chunks, "_CELLS", {})
     results = {}
     for name in ("cpu", "composed"):
         def loss_of(h, w, b):
@@ -459,6 +480,7 @@ def test_backend_choice():
         assert backends.linear_cross_entropy_backend(True) == (cpu, cpu)
 
 
+@each_implementation
 def test_bad_target_is_refused_at_run_time_in_graph_mode(linear_backend):
     """GRAPH mode cannot check target values before the graph runs: the run fails, naming the
     value and the valid range (the class-weight gather sees it first; the kernels refuse such
@@ -546,6 +568,7 @@ class TinyLanguageModel(nn.Cell):
         return self.loss(ops.matmul(hidden, self.lm_head.T), label, mask)
 
 
+@each_implementation
 def test_training_steps_match_the_unfused_model(linear_backend, mode):
     """TrainOneStepCell + SGD: the lm_head Parameter gets the fused gradient; three steps give
     the same losses and parameters as the unfused model."""
@@ -565,6 +588,7 @@ def test_training_steps_match_the_unfused_model(linear_backend, mode):
     np.testing.assert_allclose(fused_projection, projection, rtol=2e-5, atol=2e-6)
 
 
+@each_implementation
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_second_order_raises(linear_backend, mode, reduction):
     """The gradient of a gradient is refused with a clear error in every mode and backend (the
@@ -600,6 +624,7 @@ OUTPUT_CASES = {  # options
 }
 
 
+@each_implementation
 @pytest.mark.parametrize("case", OUTPUT_CASES.values(), ids=OUTPUT_CASES.keys())
 def test_batch_dims_shift_and_extra_outputs_vs_torch(linear_backend, mode, case):
     """hidden [B, T, H] with target and mask [B, T]; shift scores position t against label t + 1
