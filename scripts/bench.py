@@ -846,7 +846,8 @@ def _run_round(args, runner, bandwidth, case, impl, repeats, round_index, progre
     if footprint > available and not args.force:
         case.add({"status": "skipped",
                   "message": f"predicted footprint {footprint / GIB:.1f} GiB > "
-                             f"{available / GIB:.1f} GiB free (minus reserve); --force runs it"})
+                             f"{available / GIB:.1f} GiB free (minus reserve); --force runs it"},
+                 bandwidth)
         progress.write(f"{impl.name} {case.shape} {case.dtype}: {case.message}")
         return
     record = runner.run(impl, case.shape, case.dtype, repeats, args.warmup, f"r{round_index}")
